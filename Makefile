@@ -1,0 +1,39 @@
+# The two commands of the README: `make serve` and `make test`. Everything else is a step of theirs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch on this machine's disk; pip's cap keeps newer (CUDA) builds out.
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= Once upon a time
+
+.PHONY: install fetch-model serve test lint typecheck unit clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+fetch-model: install
+	$(BIN)/mistral-serve fetch-model
+
+serve: fetch-model
+	$(BIN)/mistral-serve generate "$(PROMPT)"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest
+
+test: fetch-model lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

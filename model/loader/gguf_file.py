@@ -1,0 +1,134 @@
+"""GGUF files of the ``llama`` architecture, dequantized to the model dtype at load.
+
+Tensor data stays memory-mapped; each tensor is dequantized (numpy, ``gguf.quants``),
+its Q/K rows converted back from llama.cpp's interleaved RoPE layout, copied into
+the model, and its mapped pages released.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf.quants import dequantize
+
+from model.config import CheckpointError, ModelConfig
+from model.loader.checkpoint import Checkpoint, RowSource, WeightStream, build_config
+from model.loader.gguf_format import GGUFFile, GGUFTensor
+from model.loader.rotary import permuted_rows
+from model.loader.safetensors_mmap import release_pages
+
+SUPPORTED_TYPES = (
+    QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1,
+    QType.Q5_0, QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+)  # fmt: skip
+_LAYER_NAMES = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def open_gguf(path: Path) -> Checkpoint:
+    reader = GGUFFile(path)
+    config = config_from_gguf(reader, path)
+    for tensor in reader.tensors:
+        if tensor.type not in SUPPORTED_TYPES:
+            raise CheckpointError(
+                f"{path}: tensor {tensor.name} has unsupported quantization type {tensor.type.name} "
+                f"(supported: {', '.join(t.name for t in SUPPORTED_TYPES)})"
+            )
+
+    def weights() -> WeightStream:
+        for tensor in reader.tensors:
+            hf_name = hf_name_of(tensor.name)
+            source = _rows(reader, tensor)
+            heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(hf_name.split(".")[-2])
+            yield hf_name, source if heads is None else permuted_rows(source, config.head_dim), path
+
+    name = reader.metadata.get("general.name") or path.stem
+    return Checkpoint(path, "gguf", str(name), config, weights)
+
+
+def _rows(reader: GGUFFile, tensor: GGUFTensor) -> RowSource:
+    """Rows dequantized to fp32 on read (zero-copy for F32); a 1-D tensor is read whole."""
+    raw = reader.raw(tensor)
+    stored_row_bytes = tensor.nbytes // len(raw) if raw.ndim > 1 else tensor.nbytes
+
+    def read(start: int, end: int) -> torch.Tensor:
+        part = raw[start:end] if raw.ndim > 1 else raw
+        return torch.from_numpy(dequantize(part, tensor.type))
+
+    def release(start: int, end: int) -> None:
+        if raw.ndim == 1:
+            start, end = 0, 1
+        release_pages(reader.mapping, tensor.offset + start * stored_row_bytes, (end - start) * stored_row_bytes)
+
+    row_bytes = 4 * (tensor.shape[-1] if len(tensor.shape) > 1 else tensor.shape[0])
+    return RowSource(tensor.shape, read, release, row_bytes)
+
+
+def hf_name_of(name: str) -> str:
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    return name
+
+
+def config_from_gguf(reader: GGUFFile, path: Path) -> ModelConfig:
+    meta = reader.metadata
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise CheckpointError(f"{path}: missing GGUF metadata llama.{key}")
+        if isinstance(value, list):
+            raise CheckpointError(f"{path}: per-layer llama.{key} is not supported")
+        return value
+
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise CheckpointError(f"{path}: unsupported rope scaling {scaling!r} (supported: none)")
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    tensor_names = {t.name for t in reader.tensors}
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = meta.get("llama.vocab_size") or (embed.shape[0] if embed is not None else None)
+    if vocab is None:
+        raise CheckpointError(f"{path}: missing llama.vocab_size and token_embd.weight")
+    window = meta.get("llama.attention.sliding_window")
+    return build_config(
+        path,
+        architecture="llama" if window is None else "mistral",
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(
+            meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count") or hidden // heads
+        ),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(get("context_length")),
+        sliding_window=None if window is None else int(window),
+        tie_word_embeddings="output.weight" not in tensor_names,
+    )

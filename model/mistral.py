@@ -1,0 +1,146 @@
+"""The Mistral decoder (Llama is the same without a sliding window), on packed tokens.
+
+Weights use fused projections (``qkv_proj`` = rows of q, k, v; ``gate_up_proj`` = gate, up).
+``weight_destination`` takes Hugging Face tensor names, the lingua franca every loader maps to.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, empty_weight
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.qk_size = config.q_size + config.kv_size
+        self.qkv_proj = empty_weight(config.q_size + 2 * config.kv_size, config.hidden_size, dtype=dtype, device=device)
+        self.o_proj = empty_weight(config.hidden_size, config.q_size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        qkv = F.linear(x, self.qkv_proj)
+        # One rotation for q and k heads together: (T, n_heads + n_kv_heads, head_dim)
+        qk = apply_rotary(qkv[:, : self.qk_size].view(num_tokens, -1, self.head_dim), cos, sin)
+        q = qk[:, : self.num_heads]
+        k = qk[:, self.num_heads :]
+        v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = attn(self.layer, q, k, v)  # (T, n_heads, head_dim)
+        return F.linear(out.reshape(num_tokens, -1), self.o_proj)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = SelfAttention(config, layer, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
+        attn_out: torch.Tensor = self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        x = x + attn_out
+        mlp_out: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
+        return x + mlp_out
+
+
+# Hugging Face name -> (our parameter name, index of the shard inside a fused matrix or None).
+_LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_LAYER_TARGETS: dict[str, tuple[str, int | None]] = {
+    "self_attn.q_proj.weight": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj.weight": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj.weight": ("self_attn.qkv_proj", 2),
+    "self_attn.o_proj.weight": ("self_attn.o_proj", None),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj", 1),
+    "mlp.down_proj.weight": ("mlp.down_proj", None),
+    "input_layernorm.weight": ("input_layernorm.weight", None),
+    "post_attention_layernorm.weight": ("post_attention_layernorm.weight", None),
+}
+_TOP_TARGETS = {
+    "model.embed_tokens.weight": "embed_tokens",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head",
+}
+
+
+class MistralModel(nn.Module):
+    """Token ids and positions in, hidden states out; ``compute_logits`` for the rows that need them."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = empty_weight(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else empty_weight(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        )
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings, device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Attention) -> torch.Tensor:
+        """``input_ids``, ``positions``: (T,) int64 -> hidden states (T, hidden_size)."""
+        cos, sin = self.rotary(positions, self.dtype)
+        x = F.embedding(input_ids, self.embed_tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn)
+        normed: torch.Tensor = self.norm(x)
+        return normed
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden_size) -> (N, vocab_size) in fp32."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    def expected_weights(self) -> set[str]:
+        """Hugging Face names that a complete checkpoint provides."""
+        names = {"model.embed_tokens.weight", "model.norm.weight"}
+        if self.lm_head is not None:
+            names.add("lm_head.weight")
+        for i in range(self.config.num_layers):
+            names.update(f"model.layers.{i}.{suffix}" for suffix in _LAYER_TARGETS)
+        return names
+
+    def weight_destination(self, name: str) -> torch.Tensor:
+        """The parameter, or rows of a fused parameter, that checkpoint tensor ``name`` fills."""
+        target, shard = self._target(name)
+        parameter = self.get_parameter(target)
+        if shard is None:
+            return parameter
+        cfg = self.config
+        fused_qkv = target.endswith("qkv_proj")
+        sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size] if fused_qkv else [cfg.intermediate_size] * 2
+        offset = sum(sizes[:shard])
+        return parameter[offset : offset + sizes[shard]]
+
+    def _target(self, name: str) -> tuple[str, int | None]:
+        if name in _TOP_TARGETS:
+            if name == "lm_head.weight" and self.lm_head is None:
+                raise ValueError("checkpoint has lm_head.weight but the config ties the embeddings")
+            return _TOP_TARGETS[name], None
+        match = _LAYER_WEIGHT.fullmatch(name)
+        if match and match.group(2) in _LAYER_TARGETS and int(match.group(1)) < self.config.num_layers:
+            target, shard = _LAYER_TARGETS[match.group(2)]
+            return f"layers.{match.group(1)}.{target}", shard
+        raise ValueError(f"unexpected tensor {name!r} for a {self.config.architecture} model")

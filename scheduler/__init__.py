@@ -1,0 +1,1 @@
+"""Requests, the block manager, the scheduler and the engine loop (later issues)."""

@@ -1,0 +1,56 @@
+"""The tokenizer interface the server and CLI use, whatever backs it.
+
+Implementations: ``HFTokenizer`` (``tokenizer.json`` through Hugging Face ``tokenizers``,
+also byte-level BPE vocabularies embedded in GGUF) and ``SentencePieceTokenizer``
+(``.model`` files, also sentencepiece vocabularies embedded in GGUF).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from server.chat_template import ChatTemplate, Message
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos_id: int | None
+    eos_ids: tuple[int, ...]  # every id that ends a generation (EOS, chat end-of-turn)
+    bos_token: str | None  # text forms, as chat templates expect them
+    eos_token: str | None
+
+
+class Tokenizer(ABC):
+    def __init__(self, special: SpecialTokens, chat_template: ChatTemplate | None) -> None:
+        self.special = special
+        self.chat_template = chat_template
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; special-token strings inside it become their ids.
+
+        ``add_special_tokens`` adds what the model expects around a prompt (BOS).
+        """
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template; send a plain prompt instead of messages")
+        return self.chat_template.render(
+            messages,
+            bos_token=self.special.bos_token or "",
+            eos_token=self.special.eos_token or "",
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered template already holds any BOS text, so nothing more is added."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)

@@ -1,0 +1,93 @@
+"""Tiny random Hugging Face models: the reference implementation for parity tests.
+
+``transformers`` is imported lazily (it takes seconds) and only by tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """One random configuration; ``window=None`` means no sliding window."""
+
+    name: str
+    heads: int
+    kv_heads: int
+    window: int | None = None
+    tied: bool = False
+    theta: float = 10000.0
+    architecture: str = "mistral"
+    hidden: int = 64
+    intermediate: int = 128
+    layers: int = 2
+    vocab: int = 128
+
+    def hf_config(self) -> Any:
+        from transformers import LlamaConfig, MistralConfig
+
+        common: dict[str, Any] = dict(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            tie_word_embeddings=self.tied,
+            rope_theta=self.theta,
+            initializer_range=0.2,  # peaked logits: greedy choices are far from ties
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        if self.architecture == "llama":
+            return LlamaConfig(**common)
+        return MistralConfig(sliding_window=self.window, **common)
+
+
+PARITY_SPECS = [
+    TinySpec("mha_untied_theta1e4", heads=4, kv_heads=4),
+    TinySpec("gqa4to1_tied_theta1e6", heads=8, kv_heads=2, tied=True, theta=1e6),
+    TinySpec("mqa_untied", heads=4, kv_heads=1),
+    TinySpec("gqa_window7", heads=8, kv_heads=2, window=7),
+    TinySpec("mqa_window5_tied_theta1e6", heads=4, kv_heads=1, window=5, tied=True, theta=1e6),
+    TinySpec("llama_gqa", heads=4, kv_heads=2, architecture="llama"),
+]
+
+
+def build_hf_model(spec: TinySpec, seed: int = 0) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(spec.hf_config(), attn_implementation="eager")
+    return model.eval()
+
+
+def save_hf_model(model: Any, directory: Path, max_shard_size: str | None = None) -> Path:
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def hf_logits(model: Any, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits: torch.Tensor = model(torch.tensor([ids])).logits[0]
+    return logits.float()
+
+
+def hf_greedy(model: Any, ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation with HF's own KV cache, never stopping early."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(ids) :]]
