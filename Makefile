@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch on this machine's disk; pip's cap keeps newer (CUDA) builds out.
 TORCH_SPEC ?= torch==2.13.0
+# xformers' kernels need CUDA; on CPU its mask classes and reference attention test our masks.
+# --no-deps: its pinned torch requirement would pull another torch build.
+XFORMERS_SPEC ?= xformers==0.0.35
 PROMPT ?= Once upon a time
 
 .PHONY: install fetch-model serve test lint typecheck unit clean
@@ -13,6 +16,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps "$(XFORMERS_SPEC)"
 	touch $@
 
 install: $(BIN)/.installed

@@ -5,9 +5,30 @@ Tensors are packed: ``T`` tokens of any number of sequences along dim 0, no batc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@functools.cache
+def _onednn_linear_works() -> bool:
+    try:
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        return bool(torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T``. On CPU in fp32 through oneDNN: measured here (AMD EPYC, AVX2, 2 threads)
+    it runs the default model's layers 15-35% faster than ``F.linear`` (MKL) and its
+    49152-row output head 2x faster (``bench/README.md``)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_linear_works():
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        return out
+    return F.linear(x, weight)
 
 
 def empty_weight(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -73,5 +94,5 @@ class SwiGLU(nn.Module):
         self.down_proj = empty_weight(hidden_size, intermediate_size, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        gate, up = linear(x, self.gate_up_proj).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj)

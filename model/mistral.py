@@ -14,7 +14,7 @@ from torch import nn
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, empty_weight
+from model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, empty_weight, linear
 
 
 class SelfAttention(nn.Module):
@@ -30,14 +30,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = F.linear(x, self.qkv_proj)
+        qkv = linear(x, self.qkv_proj)
         # One rotation for q and k heads together: (T, n_heads + n_kv_heads, head_dim)
         qk = apply_rotary(qkv[:, : self.qk_size].view(num_tokens, -1, self.head_dim), cos, sin)
         q = qk[:, : self.num_heads]
         k = qk[:, self.num_heads :]
         v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = attn(self.layer, q, k, v)  # (T, n_heads, head_dim)
-        return F.linear(out.reshape(num_tokens, -1), self.o_proj)
+        return linear(out.reshape(num_tokens, -1), self.o_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -111,7 +111,7 @@ class MistralModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden_size) -> (N, vocab_size) in fp32."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        return linear(hidden, head).float()
 
     def expected_weights(self) -> set[str]:
         """Hugging Face names that a complete checkpoint provides."""

@@ -11,8 +11,12 @@ from pathlib import Path
 
 from model.config import CheckpointError
 from model.default_model import ModelFetchError, default_cache_dir, ensure_default_model
+from model.kv_cache import parse_bytes
+from model.runner import BACKENDS
+from server.logging_setup import LOG_LEVELS, configure_logging
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _positive_int(text: str) -> int:
@@ -29,6 +33,20 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral-serve", description="Serve Mistral-family language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block (default 16)")
+    gen.add_argument(
+        "--kv-cache-memory",
+        type=_size,
+        default=None,
+        help="KV-cache budget, e.g. 2GiB (default: 1GiB on CPU; on CUDA --gpu-memory-utilization decides)",
+    )
+    gen.add_argument(
+        "--gpu-memory-utilization",
+        type=_fraction,
+        default=0.9,
+        help="CUDA: share of GPU memory for weights, activations and KV cache (default 0.9)",
+    )
+    gen.add_argument("--kv-cache-dtype", choices=("auto", *KV_DTYPES), default="auto", help="auto: the model's dtype")
+    gen.add_argument("--attention-backend", choices=BACKENDS, default="auto", help="auto: xformers on CUDA, else torch")
+    gen.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="logs go to stderr (default warning)")
 
     commands.add_parser("fetch-model", help="download the default model into the cache and print its path")
     return parser
@@ -59,8 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from server.generate_command import run_generate
 
+        configure_logging(args.log_level)
         return run_generate(args, resolve_model_path(args.model))
-    except (CheckpointError, ModelFetchError) as exc:
+    except (CheckpointError, ModelFetchError, ValueError) as exc:
         print(f"mistral-serve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -85,6 +85,7 @@ def hf_greedy(model: Any, ids: list[int], new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),  # else pad-id tokens get masked
             max_new_tokens=new_tokens,
             do_sample=False,
             eos_token_id=None,

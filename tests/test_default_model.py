@@ -55,7 +55,12 @@ def test_default_model_greedy_equals_transformers(default_model_path: Path, ours
     prompt, generated = ours
     with torch.no_grad():
         out = reference.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
         )
     assert generated == out[0, len(prompt) :].tolist()
 
