@@ -33,6 +33,13 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _n_samples(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"must be in [1, 16], got {value}")
+    return value
+
+
 def _size(text: str) -> int:
     try:
         return parse_bytes(text)
@@ -52,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="print the continuation of a prompt (offline, no server)")
-    gen.add_argument("prompt", help="text to continue")
+    gen.add_argument("prompt", nargs="?", help="text to continue")
+    gen.add_argument("--prompts-file", help="a file of prompts, one per line, generated together")
+    gen.add_argument("--n", type=_n_samples, default=1, help="samples per prompt, 1 to 16 (default 1)")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--model", type=Path, help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
     gen.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default), > 0 samples")
@@ -75,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--kv-cache-dtype", choices=("auto", *KV_DTYPES), default="auto", help="auto: the model's dtype")
     gen.add_argument("--attention-backend", choices=BACKENDS, default="auto", help="auto: xformers on CUDA, else torch")
+    gen.add_argument(
+        "--max-num-batched-tokens", type=_positive_int, default=2048, help="tokens per engine step (default 2048)"
+    )
+    gen.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences per engine step (default 64)")
     gen.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="logs go to stderr (default warning)")
 
     commands.add_parser("fetch-model", help="download the default model into the cache and print its path")

@@ -1,7 +1,7 @@
-"""``mistral-serve generate``: load a checkpoint and stream one continuation to stdout.
+"""``mistral-serve generate``: run prompts through the engine, print the continuations.
 
-Runs one sequence through the paged KV cache and the model runner (prefill, then one
-token per step); the engine issue replaces this loop with the continuous-batching engine.
+One prompt with ``--n 1`` streams to stdout as it is generated; several prompts (a file,
+one per line) or several samples print each completion under a header once done.
 """
 
 from __future__ import annotations
@@ -10,87 +10,75 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from model.batch import Batch, Chunk
-from model.generate import sample_token
-from model.kv_cache import KVCacheSpec, PagedKVCache, cuda_kv_budget
-from model.loader import load_model
-from model.mistral import MistralModel
-from model.runner import ModelRunner
-from scheduler.block_manager import BlockManager
-from server.tokenizer_loader import load_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from scheduler.output_stream import SyncOutputStream
+from scheduler.request import SamplingParams
+from server.runtime import RuntimeOptions, build_runtime
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def runtime_options(args: argparse.Namespace, model_path: Path) -> RuntimeOptions:
+    return RuntimeOptions(
+        model=model_path,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        attention_backend=args.attention_backend,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+    )
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def build_cache(args: argparse.Namespace, model: MistralModel) -> PagedKVCache:
-    """A budget from --kv-cache-memory; else 1 GiB on CPU, or what CUDA has left after a profiling pass."""
-    kv_dtype = model.dtype if args.kv_cache_dtype == "auto" else DTYPES[args.kv_cache_dtype]
-    spec = KVCacheSpec.for_model(model.config, kv_dtype, args.block_size)
-    if args.kv_cache_memory is not None:
-        budget = args.kv_cache_memory
-    elif model.device.type == "cuda":
-        budget = cuda_kv_budget(model, args.gpu_memory_utilization, profile_tokens=2048)
-    else:
-        budget = 1 << 30
-    return PagedKVCache.from_budget(spec, budget, model.device)
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts_file is None:
+        if args.prompt is None:
+            raise ValueError("give a PROMPT or --prompts-file")
+        return [args.prompt]
+    try:
+        lines = Path(args.prompts_file).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"--prompts-file: cannot read {args.prompts_file} ({exc.strerror})") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file: {args.prompts_file} has no prompts")
+    return prompts
 
 
 def run_generate(args: argparse.Namespace, model_path: Path) -> int:
-    device = pick_device(args.device)
-    loaded = load_model(model_path, pick_dtype(args.dtype, device), device)
-    tokenizer = load_tokenizer(model_path)
-    if args.chat:
-        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
-    else:
-        prompt_ids = tokenizer.encode(args.prompt)
-    context = loaded.config.max_position_embeddings
-    if not prompt_ids or len(prompt_ids) >= context:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; it must have 1 to {context - 1}")
-    cache = build_cache(args, loaded.model)
-    runner = ModelRunner(loaded.model, cache, args.attention_backend)
-    blocks = BlockManager(cache.usable_block_ids, cache.spec.block_size, loaded.config.sliding_window, False)
-    generator = torch.Generator(device=device)
-    if args.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(args.seed)
-
-    stop_ids = tokenizer.special.eos_ids
-    tokens = list(prompt_ids)
-    computed = 0
-    generated: list[int] = []
-    printed = ""
-    for _ in range(min(args.max_tokens, context - len(prompt_ids))):
-        new = tokens[computed:]
-        if not blocks.allocate_slots("generate", len(new)):
-            raise ValueError(f"the KV cache holds {cache.token_capacity} tokens: raise --kv-cache-memory")
-        table, first = blocks.block_table("generate")
-        logits = runner.execute(Batch([Chunk(new, computed, list(table), first)]))
-        computed = len(tokens)
-        blocks.commit("generate", tokens, computed)
-        token = sample_token(logits[0], args.temperature, generator)
-        if token in stop_ids:
-            break
-        tokens.append(token)
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write(tokenizer.decode(generated)[len(printed) :] + "\n")
-    return 0
+    prompts = read_prompts(args)
+    runtime = build_runtime(runtime_options(args, model_path))
+    tokenizer, engine = runtime.tokenizer, runtime.engine
+    streams = []
+    for i, prompt in enumerate(prompts):
+        message = [{"role": "user", "content": prompt}]
+        ids = tokenizer.encode_chat(message) if args.chat else tokenizer.encode(prompt)
+        room = engine.max_model_len - len(ids)
+        params = SamplingParams(
+            temperature=args.temperature,
+            seed=args.seed,
+            n=args.n,
+            max_tokens=max(1, min(args.max_tokens, room)),
+            stop=tuple(args.stop),
+        )
+        stream = SyncOutputStream(args.n)
+        engine.submit(runtime.request(f"prompt-{i}", ids, params), stream)
+        streams.append(stream)
+    engine.start()
+    try:
+        if len(prompts) == 1 and args.n == 1:
+            for output in streams[0]:
+                sys.stdout.write(output.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+        for i, stream in enumerate(streams):
+            texts: dict[int, str] = {}
+            for output in stream:
+                texts[output.index] = texts.get(output.index, "") + output.text
+            for index in sorted(texts):
+                print(f"=== prompt {i + 1}, sample {index + 1} ===")
+                print(texts[index])
+        return 0
+    finally:
+        engine.shutdown()

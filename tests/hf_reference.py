@@ -60,11 +60,13 @@ PARITY_SPECS = [
 ]
 
 
-def build_hf_model(spec: TinySpec, seed: int = 0) -> Any:
+def build_hf_model(spec: TinySpec, seed: int = 0, max_positions: int = 512) -> Any:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(spec.hf_config(), attn_implementation="eager")
+    config = spec.hf_config()
+    config.max_position_embeddings = max_positions
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()
 
 

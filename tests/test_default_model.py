@@ -88,3 +88,17 @@ def test_cli_sampling_is_reproducible_with_a_seed(default_model_path: Path) -> N
     ]
     assert runs[0] == runs[1]
     assert len(runs[0].strip()) > 0
+
+
+def test_cli_generates_several_prompts_and_samples(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\n\nHello, my name is\n")
+    script = Path(sys.executable).parent / "mistral-serve"
+    command = [str(script), "generate", "--prompts-file", str(prompts), "--n", "2"]
+    command += ["--temperature", "0.8", "--seed", "3", "--max-tokens", "8"]
+    runs = [subprocess.run(command, capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    assert runs[0] == runs[1]  # seeded: reproducible
+    headers = [line for line in runs[0].splitlines() if line.startswith("===")]
+    assert headers == [f"=== prompt {p}, sample {s} ===" for p in (1, 2) for s in (1, 2)]
+    texts = runs[0].split("===")[2::2]
+    assert len({t.strip() for t in texts}) >= 3  # samples of a prompt differ (seed + index)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from model.attention_torch import TorchPagedAttention
 from model.attention_xformers import XformersPagedAttention
 from model.loader import load_model
 from model.mistral import MistralModel
@@ -36,7 +37,11 @@ def xformers_on_cpu() -> AttentionFactory:
     return partial(XformersPagedAttention, kernel=reference_kernel)
 
 
-ATTENTION: dict[str, Callable[[], AttentionFactory | None]] = {"torch": lambda: None, "xformers-masks": xformers_on_cpu}
+ATTENTION: dict[str, Callable[[], AttentionFactory | None]] = {
+    "torch": lambda: None,  # decode tokens through the compiled kernel
+    "torch-sdpa-only": lambda: partial(TorchPagedAttention, use_kernel=False),
+    "xformers-masks": xformers_on_cpu,
+}
 
 
 @pytest.fixture(params=PARITY_SPECS, ids=lambda s: s.name)

@@ -1,0 +1,95 @@
+"""Building the serving stack from options: model, tokenizer, KV cache, block manager, engine.
+
+Shared by ``mistral-serve generate`` and the gRPC server, so both run the same engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.kv_cache import KVCacheSpec, PagedKVCache, cuda_kv_budget
+from model.loader import LoadedModel, load_model
+from model.runner import ModelRunner
+from scheduler.block_manager import BlockManager
+from scheduler.engine import Engine, EngineConfig
+from scheduler.request import EngineRequest, SamplingParams
+from scheduler.scheduler import SchedulerConfig
+from server.detokenizer import IncrementalDetokenizer
+from server.tokenizer import Tokenizer
+from server.tokenizer_loader import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_CACHE_DEFAULT = 1 << 30
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    model: Path
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: 1 GiB on CPU, profiled on CUDA
+    gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"
+    attention_backend: str = "auto"
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_queued_requests: int = 1024
+    seed: int | None = None
+
+
+@dataclass
+class Runtime:
+    loaded: LoadedModel
+    tokenizer: Tokenizer
+    cache: PagedKVCache
+    blocks: BlockManager
+    engine: Engine
+
+    def request(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0
+    ) -> EngineRequest:
+        """An engine request whose text is detokenized incrementally by this model's tokenizer."""
+        stream = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output)
+        return EngineRequest(request_id, list(prompt_ids), params, stream, self.tokenizer.special.eos_ids, priority)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def build_runtime(options: RuntimeOptions) -> Runtime:
+    device = pick_device(options.device)
+    loaded = load_model(options.model, pick_dtype(options.dtype, device), device)
+    tokenizer = load_tokenizer(options.model)
+    model = loaded.model
+    kv_dtype = model.dtype if options.kv_cache_dtype == "auto" else DTYPES[options.kv_cache_dtype]
+    spec = KVCacheSpec.for_model(model.config, kv_dtype, options.block_size)
+    if options.kv_cache_memory is not None:
+        budget = options.kv_cache_memory
+    elif device.type == "cuda":
+        budget = cuda_kv_budget(model, options.gpu_memory_utilization, options.max_num_batched_tokens)
+    else:
+        budget = CPU_KV_CACHE_DEFAULT
+    cache = PagedKVCache.from_budget(spec, budget, device)
+    runner = ModelRunner(model, cache, options.attention_backend)
+    blocks = BlockManager(
+        cache.usable_block_ids, options.block_size, model.config.sliding_window, options.enable_prefix_caching
+    )
+    config = EngineConfig(
+        SchedulerConfig(options.max_num_batched_tokens, options.max_num_seqs), options.max_queued_requests, options.seed
+    )
+    return Runtime(loaded, tokenizer, cache, blocks, Engine(runner, blocks, config))
