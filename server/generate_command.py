@@ -12,22 +12,7 @@ from pathlib import Path
 
 from scheduler.output_stream import SyncOutputStream
 from scheduler.request import SamplingParams
-from server.runtime import RuntimeOptions, build_runtime
-
-
-def runtime_options(args: argparse.Namespace, model_path: Path) -> RuntimeOptions:
-    return RuntimeOptions(
-        model=model_path,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_dtype=args.kv_cache_dtype,
-        attention_backend=args.attention_backend,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-    )
+from server.runtime import build_runtime, runtime_options
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

@@ -5,6 +5,7 @@ Shared by ``mistral-serve generate`` and the gRPC server, so both run the same e
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,24 @@ class Runtime:
         """An engine request whose text is detokenized incrementally by this model's tokenizer."""
         stream = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output)
         return EngineRequest(request_id, list(prompt_ids), params, stream, self.tokenizer.special.eos_ids, priority)
+
+
+def runtime_options(args: argparse.Namespace, model_path: Path) -> RuntimeOptions:
+    """From the parsed ``RUNTIME_FLAGS`` of ``server.options``."""
+    return RuntimeOptions(
+        model=model_path,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        attention_backend=args.attention_backend,
+        enable_prefix_caching=args.enable_prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_queued_requests=args.max_queued_requests,
+    )
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,14 +1,34 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from model.default_model import default_cache_dir, ensure_default_model
+from tests.server_process import ServerProcess
 
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The default GGUF; `make test` fetches it beforehand, so this is normally a cache hit."""
     return ensure_default_model(default_cache_dir(os.environ))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_served") / "model")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
+    """One real server process on the tiny checkpoint, shared by the end-to-end tests."""
+    process = ServerProcess(tiny_checkpoint, "--max-queued-requests", "4096")
+    try:
+        process.wait_serving()
+        yield process
+    finally:
+        process.close()

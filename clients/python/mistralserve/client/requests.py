@@ -1,0 +1,67 @@
+"""Building request messages from keyword arguments (only what is given is set)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from mistralserve.v1 import generation_pb2 as pb
+
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+STOPPING = ("max_tokens", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output")
+TOP_LEVEL = ("n", "logprobs", "top_logprobs", "priority", "request_id")
+
+Request = TypeVar("Request", pb.GenerateRequest, pb.GenerateStreamRequest)
+
+
+def build(
+    message_type: type[Request],
+    prompt: str | None = None,
+    *,
+    messages: Sequence[Mapping[str, str]] | None = None,
+    prompt_token_ids: Sequence[int] | None = None,
+    **options: Any,
+) -> Request:
+    """``build(pb.GenerateRequest, "Hi", temperature=0.0, max_tokens=8)``; one input only."""
+    unknown = set(options) - {*SAMPLING, *STOPPING, *TOP_LEVEL}
+    if unknown:
+        raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+    given = [
+        name
+        for name, value in (("prompt", prompt), ("messages", messages), ("prompt_token_ids", prompt_token_ids))
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise ValueError("give exactly one of prompt, messages, prompt_token_ids")
+    request = message_type()
+    if prompt is not None:
+        request.prompt = prompt
+    elif messages is not None:
+        request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    else:
+        assert prompt_token_ids is not None
+        request.prompt_token_ids.ids.extend(prompt_token_ids)
+    for name in SAMPLING:
+        if options.get(name) is not None:
+            setattr(request.sampling, name, options[name])
+    for name in STOPPING:
+        value = options.get(name)
+        if value is None:
+            continue
+        if name in ("stop", "stop_token_ids"):
+            getattr(request.stopping, name).extend([value] if isinstance(value, str) else value)
+        else:
+            setattr(request.stopping, name, value)
+    for name in TOP_LEVEL:
+        if options.get(name) is not None:
+            setattr(request, name, options[name])
+    return request

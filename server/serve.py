@@ -1,0 +1,141 @@
+"""``mistral-serve serve``: the grpc.aio server, health, reflection, warm-up, graceful drain.
+
+Order of a life: the port opens with health NOT_SERVING; the model loads (off the event
+loop); the engine thread starts; a short warm-up generation runs (it also compiles the
+CPU attention kernel); health turns SERVING. On SIGTERM or SIGINT: health NOT_SERVING, new
+calls get UNAVAILABLE, calls in flight get ``--shutdown-grace`` seconds to finish, then
+the server stops and the process exits 0. A dead engine thread turns health NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from mistralserve.v1 import generation_pb2 as pb
+
+from scheduler.request import SamplingParams
+from server.auth import BearerTokenInterceptor
+from server.runtime import Runtime, build_runtime, runtime_options
+from server.servicer import SERVICE, GenerationServicer, ServerState
+
+log = structlog.get_logger(__name__)
+SERVICE_NAMES = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+
+
+def server_options(args: argparse.Namespace) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", args.max_message_bytes),
+        ("grpc.max_send_message_length", args.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(args.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(args.keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),  # clients may ping this often
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = read(args.tls_client_ca) if args.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(args.tls_key), read(args.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+async def warm_up(runtime: Runtime) -> None:
+    prompt = runtime.tokenizer.encode("Hello") or [0]
+    request = runtime.request("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    async for _ in runtime.engine.add(request):
+        pass
+
+
+async def serve(args: argparse.Namespace, model_path: Path) -> int:
+    token = read(args.auth_token_file).decode().strip() if args.auth_token_file else None
+    interceptors = [BearerTokenInterceptor(token)] if token is not None else []
+    tls = credentials(args)
+    state = ServerState()
+    server = grpc.aio.server(options=server_options(args), interceptors=interceptors)
+    server.add_generic_rpc_handlers((GenerationServicer(state).handler(),))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(SERVICE_NAMES, server)
+    address = f"{args.host}:{args.port}"
+    port = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
+    if port == 0:
+        raise ValueError(f"cannot listen on {address}")
+
+    async def set_health(status: int) -> None:
+        for name in ("", SERVICE):
+            await health.set(name, status)
+
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("grpc server listening", host=args.host, port=port, tls=tls is not None, auth=token is not None)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    runtime = await asyncio.to_thread(build_runtime, runtime_options(args, model_path))
+    runtime.engine.start()
+    if args.warmup:
+        await warm_up(runtime)
+    state.runtime = runtime
+    state.model_name = args.served_model_name or runtime.loaded.name
+    await set_health(health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", model=state.model_name, port=port, context_length=runtime.engine.max_model_len)
+
+    async def watch_engine() -> None:
+        while not stop.is_set():
+            if not runtime.engine.alive:
+                log.error("engine thread died: reporting NOT_SERVING")
+                await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                return
+            await asyncio.sleep(0.5)
+
+    watchdog = asyncio.create_task(watch_engine())
+    await stop.wait()
+
+    log.info("draining", inflight=state.inflight, grace_seconds=args.shutdown_grace)
+    state.draining = True
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    deadline = loop.time() + args.shutdown_grace
+    try:
+        await asyncio.wait_for(state.idle.wait(), timeout=args.shutdown_grace)
+    except TimeoutError:
+        log.warning("grace period over, cancelling calls in flight", inflight=state.inflight)
+    await server.stop(grace=max(0.0, deadline - loop.time()))
+    watchdog.cancel()
+    runtime.engine.shutdown(timeout=10)
+    log.info("stopped")
+    return 0
+
+
+def run_server(args: argparse.Namespace, model_path: Path) -> int:
+    return asyncio.run(serve(args, model_path))
+
+
+__all__ = ["pb", "run_server"]

@@ -1,0 +1,272 @@
+"""The GenerationService: validate, hand the engine the request, stream what comes back.
+
+Bad input -> INVALID_ARGUMENT naming the field; a full queue -> RESOURCE_EXHAUSTED; model
+still loading, engine dead or server draining -> UNAVAILABLE. When the client cancels,
+disconnects or runs out of deadline, the handler is cancelled and the request aborted, so
+its blocks are freed at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+import structlog
+from mistralserve.v1 import generation_pb2 as pb
+
+from scheduler.request import EngineDeadError, FinishReason, QueueFullError, RequestOutput, TokenLogprobs
+from server.runtime import Runtime
+from server.validation import InvalidRequest, Parsed, Prepared, deserializer, prepare
+
+log = structlog.get_logger(__name__)
+if TYPE_CHECKING:  # grpc's classes are generic only in its type stubs
+    Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+
+
+@dataclass
+class ServerState:
+    """What the servicer needs to know of the process: loaded yet, draining, calls in flight."""
+
+    runtime: Runtime | None = None
+    model_name: str = ""
+    draining: bool = False
+    inflight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+class GenerationServicer:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.state.idle.set()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn: Any, request: Any, response: Any) -> grpc.RpcMethodHandler[Any, Any]:
+            return grpc.unary_unary_rpc_method_handler(fn, deserializer(request), response.SerializeToString)
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                    self.GenerateStream,
+                    deserializer(pb.GenerateStreamRequest),
+                    pb.GenerateStreamResponse.SerializeToString,
+                ),
+                "Generate": unary(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
+                "Tokenize": unary(self.Tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
+                "Detokenize": unary(self.Detokenize, pb.DetokenizeRequest, pb.DetokenizeResponse),
+                "GetModelInfo": unary(self.GetModelInfo, pb.GetModelInfoRequest, pb.GetModelInfoResponse),
+            },
+        )
+
+    async def _runtime(self, context: Context) -> Runtime:
+        if self.state.draining:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        runtime = self.state.runtime
+        if runtime is None:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if not runtime.engine.alive:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the engine is not running")
+        return runtime
+
+    async def _prepare(self, parsed: Parsed, context: Context) -> tuple[Runtime, Prepared]:
+        runtime = await self._runtime(context)
+        try:
+            prepared = prepare(
+                parsed, runtime.tokenizer, runtime.loaded.config.vocab_size, runtime.engine.max_model_len
+            )
+        except InvalidRequest as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return runtime, prepared
+
+    async def _submit(self, runtime: Runtime, prepared: Prepared, context: Context) -> AsyncIterator[RequestOutput]:
+        request = runtime.request(prepared.request_id, prepared.prompt_ids, prepared.params, prepared.priority)
+        try:
+            return runtime.engine.add(request)
+        except QueueFullError as exc:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineDeadError as exc:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ValueError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _enter(self) -> None:
+        self.state.inflight += 1
+        self.state.idle.clear()
+
+    def _leave(self) -> None:
+        self.state.inflight -= 1
+        if self.state.inflight == 0:
+            self.state.idle.set()
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def GenerateStream(self, parsed: Parsed, context: Context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        runtime, prepared = await self._prepare(parsed, context)
+        self._enter()
+        finished = 0
+        try:
+            outputs = await self._submit(runtime, prepared, context)
+            async for output in outputs:
+                yield self._stream_response(runtime, output)
+                if output.finished:
+                    finished += 1
+                    if output.finish_reason == FinishReason.ERROR:
+                        await abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {output.error}")
+        finally:
+            if finished < prepared.params.n:  # cancelled, deadline, disconnect: free the blocks
+                runtime.engine.abort(prepared.request_id)
+            self._leave()
+
+    async def Generate(self, parsed: Parsed, context: Context) -> pb.GenerateResponse:
+        runtime, prepared = await self._prepare(parsed, context)
+        self._enter()
+        completions = {i: pb.Completion(index=i) for i in range(prepared.params.n)}
+        usage = pb.Usage()
+        finished = 0
+        try:
+            outputs = await self._submit(runtime, prepared, context)
+            async for output in outputs:
+                completion = completions[output.index]
+                completion.text += output.text
+                completion.token_ids.extend(output.token_ids)
+                completion.logprobs.extend(self._logprobs(runtime, entry) for entry in output.logprobs)
+                if output.finished:
+                    finished += 1
+                    if output.finish_reason == FinishReason.ERROR:
+                        await abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {output.error}")
+                    self._finish(completion, output)
+                    if output.usage is not None:
+                        usage.prompt_tokens = output.usage.prompt_tokens
+                        usage.cached_tokens = output.usage.cached_tokens
+                        usage.completion_tokens += output.usage.completion_tokens
+        finally:
+            if finished < prepared.params.n:
+                runtime.engine.abort(prepared.request_id)
+            self._leave()
+        return pb.GenerateResponse(
+            request_id=prepared.request_id, completions=[completions[i] for i in sorted(completions)], usage=usage
+        )
+
+    def _stream_response(self, runtime: Runtime, output: RequestOutput) -> pb.GenerateStreamResponse:
+        response = pb.GenerateStreamResponse(
+            request_id=output.request_id,
+            index=output.index,
+            text=output.text,
+            token_ids=output.token_ids,
+            logprobs=[self._logprobs(runtime, entry) for entry in output.logprobs],
+        )
+        if output.finished:
+            self._finish(response, output)
+            if output.usage is not None:
+                response.usage.CopyFrom(
+                    pb.Usage(
+                        prompt_tokens=output.usage.prompt_tokens,
+                        completion_tokens=output.usage.completion_tokens,
+                        cached_tokens=output.usage.cached_tokens,
+                    )
+                )
+        return response
+
+    @staticmethod
+    def _finish(message: Any, output: RequestOutput) -> None:
+        assert output.finish_reason is not None
+        message.finish_reason = FINISH[output.finish_reason]
+        if isinstance(output.stop_reason, str):
+            message.stop_string = output.stop_reason
+        elif isinstance(output.stop_reason, int):
+            message.stop_token_id = output.stop_reason
+
+    @staticmethod
+    def _logprobs(runtime: Runtime, entry: TokenLogprobs) -> pb.PositionLogprobs:
+        def one(token_id: int, logprob: float, rank: int) -> pb.TokenLogprob:
+            text = runtime.tokenizer.decode([token_id], skip_special_tokens=False)
+            return pb.TokenLogprob(token_id=token_id, token=text, logprob=logprob, rank=rank)
+
+        chosen = entry.chosen
+        return pb.PositionLogprobs(
+            chosen=one(chosen.token_id, chosen.logprob, chosen.rank),
+            top=[one(t.token_id, t.logprob, t.rank) for t in entry.top],
+        )
+
+    # -- tokenizer and model -------------------------------------------------------------
+
+    async def Tokenize(self, parsed: Parsed, context: Context) -> pb.TokenizeResponse:
+        runtime = await self._runtime(context)
+        request = parsed.message
+        if parsed.error is not None:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, parsed.error)
+        which = request.WhichOneof("input")
+        tokenizer = runtime.tokenizer
+        if which == "text":
+            ids = tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        elif which == "messages":
+            from server.validation import chat_ids
+
+            try:
+                ids = chat_ids(request.messages, tokenizer)
+            except InvalidRequest as exc:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        else:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "input: give exactly one of text, messages")
+        tokens = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
+
+    async def Detokenize(self, parsed: Parsed, context: Context) -> pb.DetokenizeResponse:
+        runtime = await self._runtime(context)
+        if parsed.error is not None:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, parsed.error)
+        ids = list(parsed.message.token_ids)
+        vocab = runtime.loaded.config.vocab_size
+        bad = next((i for i in ids if i >= vocab), None)
+        if bad is not None:
+            await abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"token_ids: {bad} is outside the vocabulary [0, {vocab})"
+            )
+        text = runtime.tokenizer.decode(ids, skip_special_tokens=parsed.message.skip_special_tokens)
+        return pb.DetokenizeResponse(text=text)
+
+    async def GetModelInfo(self, parsed: Parsed, context: Context) -> pb.GetModelInfoResponse:
+        runtime = await self._runtime(context)
+        if parsed.error is not None:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, parsed.error)
+        config = runtime.loaded.config
+        cache = runtime.cache
+        info = pb.GetModelInfoResponse(
+            model_name=self.state.model_name,
+            architecture=config.architecture,
+            context_length=runtime.engine.max_model_len,
+            vocab_size=config.vocab_size,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            num_layers=config.num_layers,
+            kv_block_size=cache.spec.block_size,
+            kv_cache_blocks=runtime.blocks.num_blocks,
+            kv_cache_tokens=runtime.blocks.num_blocks * cache.spec.block_size,
+            kv_cache_free_blocks=runtime.blocks.num_free_blocks,
+            dtype=str(runtime.loaded.model.dtype).removeprefix("torch."),
+            kv_cache_dtype=str(cache.spec.dtype).removeprefix("torch."),
+            device=str(runtime.loaded.model.device),
+            attention_backend=runtime.engine.runner.backend,
+            checkpoint_format=runtime.loaded.format,
+        )
+        if config.sliding_window is not None:
+            info.sliding_window = config.sliding_window
+        return info

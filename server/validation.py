@@ -1,0 +1,186 @@
+"""From a request message to what the engine takes, or a message naming the bad field.
+
+Every ``InvalidRequest`` becomes INVALID_ARGUMENT; its text starts with the field's path
+in the request (``sampling.top_p``, ``stopping.max_tokens``, ``messages[1].role``) and
+says what is allowed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from mistralserve.v1 import generation_pb2 as pb
+
+from scheduler.request import SamplingParams
+from server.chat_template import ChatTemplateError
+from server.tokenizer import Tokenizer
+
+INPUT_FIELD_NUMBERS = {1: "prompt", 2: "messages", 3: "prompt_token_ids"}
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty",
+)  # fmt: skip
+ROLES = ("system", "user", "assistant")
+MAX_REQUEST_ID = 256
+# SamplingParams field -> where it lives in the request
+FIELD_PATHS = {
+    **{name: f"sampling.{name}" for name in SAMPLING_FIELDS},
+    **{name: f"stopping.{name}" for name in ("max_tokens", "min_tokens", "stop", "stop_token_ids")},
+    "n": "n",
+    "logprobs": "top_logprobs",
+}  # fmt: skip
+
+GenerationRequest = pb.GenerateRequest | pb.GenerateStreamRequest
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A deserialized request, or why it could not be; with how many input fields the bytes held."""
+
+    message: Any
+    input_fields: int = 1
+    error: str | None = None
+
+
+def count_input_fields(raw: bytes) -> int:
+    """Distinct oneof ``input`` fields present on the wire (protobuf keeps only the last)."""
+    seen: set[int] = set()
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        shift = value = 0
+        while True:
+            byte = raw[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    try:
+        while pos < len(raw):
+            key = varint()
+            number, wire = key >> 3, key & 7
+            if number in INPUT_FIELD_NUMBERS:
+                seen.add(number)
+            if wire == 0:
+                varint()
+            elif wire == 1:
+                pos += 8
+            elif wire == 2:
+                length = varint()  # read first: `pos += varint()` would add to the old position
+                pos += length
+            elif wire == 5:
+                pos += 4
+            else:
+                break
+    except IndexError:
+        pass
+    return len(seen)
+
+
+def deserializer(message_type: type[Any]) -> Any:
+    """A request deserializer that never raises: garbage becomes ``Parsed(error=...)``."""
+
+    def parse(raw: bytes) -> Parsed:
+        message = message_type()
+        try:
+            message.ParseFromString(raw)
+        except Exception:  # google.protobuf.message.DecodeError and friends
+            return Parsed(None, 0, f"the request is not a valid {message_type.DESCRIPTOR.name} message")
+        return Parsed(message, count_input_fields(raw) if hasattr(message, "prompt") else 1)
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Prepared:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: int
+
+
+def prompt_ids(request: Any, input_fields: int, tokenizer: Tokenizer, vocab_size: int, context: int) -> list[int]:
+    which = request.WhichOneof("input")
+    if input_fields > 1 or which is None:
+        got = "several" if input_fields > 1 else "none"
+        raise InvalidRequest(f"input: give exactly one of prompt, messages, prompt_token_ids (got {got})")
+    if which == "prompt":
+        if not request.prompt:
+            raise InvalidRequest("prompt: must not be empty")
+        ids = tokenizer.encode(request.prompt)
+    elif which == "messages":
+        ids = chat_ids(request.messages, tokenizer)
+    else:
+        ids = list(request.prompt_token_ids.ids)
+        if not ids:
+            raise InvalidRequest("prompt_token_ids: must not be empty")
+        bad = next((i for i in ids if i >= vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt_token_ids: {bad} is outside the vocabulary [0, {vocab_size})")
+    if not ids:
+        raise InvalidRequest(f"{which}: encodes to no tokens")
+    if len(ids) >= context:
+        raise InvalidRequest(f"{which}: {len(ids)} tokens; the context allows at most {context - 1}")
+    return ids
+
+
+def chat_ids(messages: pb.ChatMessages, tokenizer: Tokenizer) -> list[int]:
+    if not messages.messages:
+        raise InvalidRequest("messages: must hold at least one message")
+    for i, message in enumerate(messages.messages):
+        if message.role not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role: {message.role!r} is not one of {', '.join(ROLES)}")
+    try:
+        return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages.messages])
+    except (ChatTemplateError, ValueError) as exc:
+        raise InvalidRequest(f"messages: {exc}") from None
+
+
+def sampling_params(request: Any, room: int) -> SamplingParams:
+    sampling, stopping = request.sampling, request.stopping
+
+    def opt(message: Any, name: str) -> Any:
+        return getattr(message, name) if message.HasField(name) else None
+
+    values: dict[str, Any] = {name: value for name in SAMPLING_FIELDS if (value := opt(sampling, name)) is not None}
+    top_logprobs = opt(request, "top_logprobs")
+    logprobs = (top_logprobs or 0) if request.logprobs or top_logprobs else None
+    values.update(
+        max_tokens=opt(stopping, "max_tokens"),
+        min_tokens=stopping.min_tokens,
+        stop=tuple(stopping.stop),
+        stop_token_ids=tuple(stopping.stop_token_ids),
+        ignore_eos=stopping.ignore_eos,
+        include_stop_str_in_output=stopping.include_stop_str_in_output,
+        n=opt(request, "n") if request.HasField("n") else 1,
+        logprobs=logprobs,
+    )
+    try:
+        params = SamplingParams(**values)
+    except ValueError as exc:
+        name = str(exc).split(" ", 1)[0]
+        raise InvalidRequest(f"{FIELD_PATHS.get(name, name)}: {str(exc).split(' ', 1)[1]}") from None
+    if params.max_tokens is not None and params.max_tokens > room:
+        raise InvalidRequest(
+            f"stopping.max_tokens: must be <= {room} (the context left after the prompt), got {params.max_tokens}"
+        )
+    return params
+
+
+def prepare(parsed: Parsed, tokenizer: Tokenizer, vocab_size: int, context: int) -> Prepared:
+    if parsed.error is not None:
+        raise InvalidRequest(parsed.error)
+    request = parsed.message
+    if len(request.request_id) > MAX_REQUEST_ID:
+        raise InvalidRequest(f"request_id: at most {MAX_REQUEST_ID} characters, got {len(request.request_id)}")
+    ids = prompt_ids(request, parsed.input_fields, tokenizer, vocab_size, context)
+    params = sampling_params(request, context - len(ids))
+    return Prepared(request.request_id or uuid.uuid4().hex, ids, params, request.priority)

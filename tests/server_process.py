@@ -1,0 +1,98 @@
+"""A real ``mistral-serve serve`` process on 127.0.0.1 for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mistralserve.v1 import generation_pb2_grpc as pb_grpc
+
+SCRIPT = Path(sys.executable).parent / "mistral-serve"
+
+
+class ServerProcess:
+    def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.stderr_file: IO[str] = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+        command = [str(SCRIPT), "serve", "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
+        command += ["--log-format", "json", "--kv-cache-memory", "32MiB", *args]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=self.stderr_file, env={**os.environ, **(env or {})}, text=True
+        )
+        self.port = self._wait_for_port()
+        self.target = f"127.0.0.1:{self.port}"
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in Path(self.stderr_file.name).read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return lines
+
+    def _wait_for_port(self, timeout: float = 120.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_lines():
+                if line.get("event") == "grpc server listening":
+                    return int(line["port"])
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited {self.process.returncode}: {Path(self.stderr_file.name).read_text()}"
+                )
+            time.sleep(0.05)
+        raise TimeoutError("the server did not report its port")
+
+    def channel(self, credentials: grpc.ChannelCredentials | None = None, **options: Any) -> grpc.Channel:
+        opts = [("grpc.ssl_target_name_override", "localhost")] if credentials else []
+        opts += list(options.items())
+        if credentials is None:
+            return grpc.insecure_channel(self.target, options=opts)
+        return grpc.secure_channel(self.target, credentials, options=opts)
+
+    def health(self, credentials: grpc.ChannelCredentials | None = None) -> str:
+        with self.channel(credentials) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_serving(self, timeout: float = 300.0, credentials: grpc.ChannelCredentials | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited {self.process.returncode}: {Path(self.stderr_file.name).read_text()}"
+                )
+            try:
+                if self.health(credentials) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("the server never became SERVING")
+
+    def stub(self, channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
+        return pb_grpc.GenerationServiceStub(channel)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.terminate()
+        os.unlink(self.stderr_file.name)

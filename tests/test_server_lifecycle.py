@@ -1,0 +1,166 @@
+"""Real server processes: graceful drain on SIGTERM, overload, TLS, mutual TLS, bearer tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from mistralserve.v1 import generation_pb2 as pb
+from mistralserve.v1 import generation_pb2_grpc as pb_grpc
+
+from tests.certificates import Pki, make_pki
+from tests.server_process import ServerProcess
+
+LONG = pb.StoppingOptions(max_tokens=400, ignore_eos=True)
+
+
+def long_stream(target: str) -> pb.GenerateStreamRequest:
+    return pb.GenerateStreamRequest(prompt="go", sampling=pb.SamplingOptions(temperature=0.0), stopping=LONG)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_streams_and_exits_zero(tiny_checkpoint: Path) -> None:
+    server = ServerProcess(tiny_checkpoint, "--shutdown-grace", "60")
+    try:
+        server.wait_serving()
+        results: dict[int, list[pb.GenerateStreamResponse]] = {}
+        producing: set[int] = set()
+        all_producing = threading.Event()
+
+        async def client() -> None:
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+
+                async def one(i: int) -> None:
+                    received = []
+                    async for response in stub.GenerateStream(long_stream(server.target)):
+                        received.append(response)
+                        if len(received) == 1:
+                            producing.add(i)
+                            if len(producing) == 16:
+                                all_producing.set()
+                    results[i] = received
+
+                await asyncio.gather(*(one(i) for i in range(16)))
+
+        thread = threading.Thread(target=lambda: asyncio.run(client()))
+        thread.start()
+        assert all_producing.wait(timeout=120)  # all 16 streams are producing
+        signalled = time.monotonic()
+        server.process.send_signal(15)
+        time.sleep(0.3)
+        with server.channel() as channel, pytest.raises(grpc.RpcError) as refused:
+            server.stub(channel).Generate(
+                pb.GenerateRequest(prompt="late", stopping=pb.StoppingOptions(max_tokens=2)), timeout=10
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        thread.join(timeout=120)
+        assert server.process.wait(timeout=60) == 0
+        assert time.monotonic() - signalled < 60
+        assert len(results) == 16
+        for received in results.values():
+            assert received[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert sum(len(r.token_ids) for r in received) == 400
+        events = [line["event"] for line in server.log_lines()]
+        assert "draining" in events and events[-1] == "stopped"
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_full_queue_rejects_the_sixth_request_at_once(tiny_checkpoint: Path) -> None:
+    server = ServerProcess(tiny_checkpoint, "--max-num-seqs", "1", "--max-queued-requests", "4")
+    try:
+        server.wait_serving()
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            calls = [stub.GenerateStream(long_stream(server.target)) for _ in range(5)]
+            next(calls[0])  # the first is running; the other four wait in the queue
+            time.sleep(0.5)
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Generate(pb.GenerateRequest(prompt="sixth", stopping=pb.StoppingOptions(max_tokens=2)), timeout=30)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.value.details() == "the waiting queue is full (4 requests)"
+            assert time.monotonic() - start < 2.0
+            for call in calls:
+                call.cancel()
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls(pki: Pki, client_cert: bool = False, ca: Path | None = None) -> grpc.ChannelCredentials:
+    if client_cert:
+        return grpc.ssl_channel_credentials(
+            (ca or pki.ca).read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+        )
+    return grpc.ssl_channel_credentials((ca or pki.ca).read_bytes())
+
+
+def generate(
+    server: ServerProcess, credentials: grpc.ChannelCredentials | None, metadata: tuple[tuple[str, str], ...] = ()
+) -> pb.GenerateResponse:
+    with server.channel(credentials) as channel:
+        request = pb.GenerateRequest(prompt="secure", stopping=pb.StoppingOptions(max_tokens=3, ignore_eos=True))
+        response: pb.GenerateResponse = server.stub(channel).Generate(request, timeout=30, metadata=metadata)
+        return response
+
+
+@pytest.mark.slow
+def test_tls(tiny_checkpoint: Path, pki: Pki) -> None:
+    server = ServerProcess(tiny_checkpoint, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    try:
+        server.wait_serving(credentials=tls(pki))
+        assert len(generate(server, tls(pki)).completions[0].token_ids) == 3
+        with pytest.raises(grpc.RpcError) as plaintext:
+            generate(server, None)
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as untrusted:
+            generate(server, tls(pki, ca=pki.other_ca))
+        assert untrusted.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_mutual_tls(tiny_checkpoint: Path, pki: Pki) -> None:
+    args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)]
+    server = ServerProcess(tiny_checkpoint, *args)
+    try:
+        server.wait_serving(credentials=tls(pki, client_cert=True))
+        assert len(generate(server, tls(pki, client_cert=True)).completions[0].token_ids) == 3
+        with pytest.raises(grpc.RpcError) as no_client_cert:
+            generate(server, tls(pki))
+        assert no_client_cert.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_bearer_token(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    server = ServerProcess(tiny_checkpoint, "--auth-token-file", str(token_file))
+    try:
+        server.wait_serving()  # health needs no token
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret-token"),)):
+            with pytest.raises(grpc.RpcError) as error:
+                generate(server, None, metadata)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "bearer token" in (error.value.details() or "")
+        with server.channel() as channel, pytest.raises(grpc.RpcError) as stream_error:
+            list(server.stub(channel).GenerateStream(long_stream(server.target), timeout=30))
+        assert stream_error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = generate(server, None, (("authorization", "Bearer s3cret-token"),))
+        assert len(ok.completions[0].token_ids) == 3
+    finally:
+        server.close()
