@@ -11,9 +11,6 @@ from typing import TextIO, cast
 
 import structlog
 
-LOG_FORMATS = ("auto", "json", "console")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
 
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is at the time of the write (tests swap it)."""

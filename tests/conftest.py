@@ -24,6 +24,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with an 8,192-token context: generations long enough to keep a server busy."""
+    from tests.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_long") / "model", max_positions=8192)
+
+
+@pytest.fixture(scope="session")
 def server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
     """One real server process on the tiny checkpoint, shared by the end-to-end tests."""
     process = ServerProcess(tiny_checkpoint, "--max-queued-requests", "4096")

@@ -70,3 +70,40 @@ def test_cancellation_storm_returns_every_block(server: ServerProcess) -> None:
             pb.GenerateRequest(prompt="after", stopping=pb.StoppingOptions(max_tokens=3, ignore_eos=True)), timeout=30
         )
     assert len(response.completions[0].token_ids) == 3
+
+
+def wait_for_free_pool(server: ServerProcess) -> bool:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        free, total = free_blocks(server)
+        if free == total:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_deadline_aborts_frees_blocks_and_returns_deadline_exceeded(server: ServerProcess) -> None:
+    request = pb.GenerateStreamRequest(prompt="slow", stopping=pb.StoppingOptions(max_tokens=500, ignore_eos=True))
+    received = 0
+    with server.channel() as channel, pytest.raises(grpc.RpcError) as error:
+        for _ in server.stub(channel).GenerateStream(request, timeout=0.5):
+            received += 1
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0 < received < 500
+    assert wait_for_free_pool(server)
+
+
+def test_client_disconnect_aborts_the_request(server: ServerProcess) -> None:
+    request = pb.GenerateStreamRequest(prompt="bye", stopping=pb.StoppingOptions(max_tokens=500, ignore_eos=True))
+    with server.channel() as channel:  # how long the whole generation takes here and now
+        start = time.monotonic()
+        assert sum(len(r.token_ids) for r in server.stub(channel).GenerateStream(request, timeout=60)) == 500
+        full = time.monotonic() - start
+    channel = server.channel()
+    stream = server.stub(channel).GenerateStream(request)
+    next(stream)
+    closed = time.monotonic()
+    channel.close()  # the connection goes away mid-stream
+    assert wait_for_free_pool(server)
+    assert time.monotonic() - closed < full / 2  # freed by the abort, not by finishing
+    assert server.health() == "SERVING"

@@ -72,23 +72,36 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero(tiny_checkpoint: Path) 
 
 
 @pytest.mark.slow
-def test_full_queue_rejects_the_sixth_request_at_once(tiny_checkpoint: Path) -> None:
-    server = ServerProcess(tiny_checkpoint, "--max-num-seqs", "1", "--max-queued-requests", "4")
-    try:
-        server.wait_serving()
-        with server.channel() as channel:
-            stub = server.stub(channel)
-            calls = [stub.GenerateStream(long_stream(server.target)) for _ in range(5)]
-            next(calls[0])  # the first is running; the other four wait in the queue
-            time.sleep(0.5)
+def test_full_queue_rejects_the_sixth_request_at_once(long_tiny_checkpoint: Path) -> None:
+    server = ServerProcess(long_tiny_checkpoint, "--max-num-seqs", "1", "--max-queued-requests", "4")
+    very_long = pb.GenerateStreamRequest(prompt="go", stopping=pb.StoppingOptions(max_tokens=8000, ignore_eos=True))
+
+    async def scenario() -> tuple[grpc.StatusCode, str, float]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            calls = [stub.GenerateStream(very_long) for _ in range(5)]
+            firsts = [asyncio.ensure_future(call.read()) for call in calls]
+            # whichever arrived first runs (max_num_seqs 1); the other four wait in the queue
+            await asyncio.wait(firsts, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(3)  # let the busy server take in the other four (the first runs for 20+ s)
             start = time.monotonic()
-            with pytest.raises(grpc.RpcError) as error:
-                stub.Generate(pb.GenerateRequest(prompt="sixth", stopping=pb.StoppingOptions(max_tokens=2)), timeout=30)
-            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert error.value.details() == "the waiting queue is full (4 requests)"
-            assert time.monotonic() - start < 2.0
+            try:
+                await stub.Generate(
+                    pb.GenerateRequest(prompt="sixth", stopping=pb.StoppingOptions(max_tokens=2)), timeout=30
+                )
+                outcome = (grpc.StatusCode.OK, "", time.monotonic() - start)
+            except grpc.aio.AioRpcError as error:
+                outcome = (error.code(), error.details() or "", time.monotonic() - start)
             for call in calls:
                 call.cancel()
+            return outcome
+
+    try:
+        server.wait_serving()
+        code, details, elapsed = asyncio.run(scenario())
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details == "the waiting queue is full (4 requests)"
+        assert elapsed < 2.0
     finally:
         server.close()
 
