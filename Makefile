@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 XFORMERS_SPEC ?= xformers==0.0.35
 PROMPT ?= Once upon a time
 
-.PHONY: install fetch-model serve test lint typecheck unit protos buf-breaking clean
+.PHONY: install fetch-model serve generate test test-deps lint typecheck unit protos buf-breaking clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,7 +48,15 @@ typecheck: install
 unit: install
 	$(BIN)/pytest
 
-test: fetch-model lint typecheck unit
+# promtool and prometheus (Debian's `prometheus` package): the metrics tests run them.
+test-deps:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "the tests need Debian's prometheus package: sudo apt-get install prometheus" >&2; exit 1; fi
+
+test: fetch-model test-deps lint typecheck unit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

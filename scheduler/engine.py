@@ -27,9 +27,11 @@ from scheduler.output_stream import AsyncOutputStream, OutputSink
 from scheduler.request import (
     EngineDeadError,
     EngineRequest,
+    FinishedRequest,
     FinishReason,
     QueueFullError,
     RequestOutput,
+    RequestTimings,
     SequenceState,
     SequenceStatus,
 )
@@ -96,12 +98,16 @@ class Engine:
             self.scheduler, Sampler(generator), self.max_model_len, clock, self.counters, runner.model.device
         )
         self.step_listeners: list[Callable[[StepRecord], None]] = []
+        # Drained by the metrics (any thread may popleft); bounded so nobody draining costs nothing.
+        self.finished_requests: deque[FinishedRequest] = deque(maxlen=100_000)
+        self.recent_steps: deque[StepRecord] = deque(maxlen=100_000)
         self._cond = threading.Condition()
         self._inbox: deque[tuple[str, EngineRequest | str, OutputSink | None]] = deque()
         self._queued = 0  # submitted, not yet admitted (the bound of max_queued_requests)
         self._sinks: dict[str, OutputSink] = {}
         self._sequences: dict[str, list[SequenceState]] = {}
         self._unfinished: dict[str, int] = {}  # samples whose final output is not sent yet
+        self._finals: dict[str, list[RequestOutput]] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._fatal: BaseException | None = None
@@ -244,6 +250,8 @@ class Engine:
             with self._cond:
                 self._queued -= len(out.admitted)
         forward = 0.0
+        results: list[tuple[SequenceState, RequestOutput]] = []
+        failure: Exception | None = None
         try:
             batch = out.batch(self.blocks, self.blocks.take_copies())
             forward_start = self.clock()
@@ -252,13 +260,7 @@ class Engine:
             results = self.outputs.process(out, logits)
         except Exception as exc:  # fail this step's requests, keep serving the others
             log.error("engine step failed", exc_info=exc)
-            for request_id in dict.fromkeys(item.seq.request.request_id for item in out.scheduled):
-                self._end_request(request_id, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
-        else:
-            for seq, output in results:
-                if seq.request.request_id in self._sequences and seq not in self._sequences[seq.request.request_id]:
-                    self._sequences[seq.request.request_id].append(seq)
-                self._send(output)
+            failure = exc
         record = StepRecord(
             self.counters.steps,
             tuple((item.seq.seq_id, item.num_tokens) for item in out.scheduled),
@@ -267,23 +269,54 @@ class Engine:
             self.clock() - start,
             forward,
         )
+        self.recent_steps.append(record)  # before any receiver can see this step's outputs
+        if failure is not None:
+            for request_id in dict.fromkeys(item.seq.request.request_id for item in out.scheduled):
+                self._end_request(request_id, FinishReason.ERROR, f"{type(failure).__name__}: {failure}")
+        for seq, output in results:
+            if seq.request.request_id in self._sequences and seq not in self._sequences[seq.request.request_id]:
+                self._sequences[seq.request.request_id].append(seq)
+            self._send(output)
         for listener in self.step_listeners:
             listener(record)
 
     def _send(self, output: RequestOutput) -> None:
+        """Deliver one output; when the receiver is gone, end the request without one."""
         request_id = output.request_id
-        sink = self._sinks.get(request_id)
-        if sink is None:
-            return
-        try:
-            sink.put(output)
-        except RuntimeError:  # the receiver's event loop is gone: nobody is listening
-            self._end_request(request_id, FinishReason.ABORT)
-            return
-        if output.finished:
+        if output.finished and request_id in self._unfinished:
             self._unfinished[request_id] -= 1
-            if self._unfinished[request_id] == 0:
-                del self._sinks[request_id], self._sequences[request_id], self._unfinished[request_id]
+            self._finals.setdefault(request_id, []).append(output)
+            if self._unfinished[request_id] == 0:  # recorded before the receiver can see the end
+                self._record_finished(request_id)
+        sink = self._sinks.get(request_id)
+        if sink is not None:
+            try:
+                sink.put(output)
+            except RuntimeError:  # the receiver's event loop is closed: nobody is listening
+                self._sinks.pop(request_id, None)
+                self._end_request(request_id, FinishReason.ABORT)
+        if self._unfinished.get(request_id) == 0:
+            self._sinks.pop(request_id, None)
+            del self._sequences[request_id], self._unfinished[request_id]
+
+    def _record_finished(self, request_id: str) -> None:
+        finals = sorted(self._finals.pop(request_id), key=lambda o: o.index)
+        first = finals[0]
+        usage = [o.usage for o in finals if o.usage is not None]
+        seqs = self._sequences[request_id]
+        empty = RequestTimings(arrival=seqs[0].request.arrival_time, first_scheduled=None, first_token=None,
+                               finished=self.clock(), token_times=())  # fmt: skip
+        self.finished_requests.append(
+            FinishedRequest(
+                request_id=request_id,
+                finish_reasons=tuple(o.finish_reason for o in finals if o.finish_reason is not None),
+                prompt_tokens=len(seqs[0].request.prompt_token_ids),
+                generation_tokens=sum(u.completion_tokens for u in usage),
+                cached_tokens=usage[0].cached_tokens if usage else 0,
+                timings=first.timings or empty,
+                num_preemptions=sum(s.num_preemptions for s in seqs),
+            )
+        )
 
     def _end_request(self, request_id: str, reason: FinishReason, error: str | None = None) -> None:
         """Finish every unfinished sample of a request (abort or error), freeing its blocks."""

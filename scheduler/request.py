@@ -156,6 +156,19 @@ class RequestTimings:
 
 
 @dataclass(frozen=True)
+class FinishedRequest:
+    """A request whose every sample ended: what metrics and the request log need."""
+
+    request_id: str
+    finish_reasons: tuple[FinishReason, ...]  # per sample
+    prompt_tokens: int
+    generation_tokens: int  # all samples
+    cached_tokens: int
+    timings: RequestTimings  # of sample 0
+    num_preemptions: int
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """One update of one sample of a request; the last one has ``finish_reason`` set."""
 

@@ -62,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "fetch-model":
             print(resolve_model_path(None, environ))
             return 0
-        configure_logging(args.log_level, args.log_format)
+        # The server logs to stdout (what container runtimes collect); `generate` prints its
+        # results there, so its logs go to stderr.
+        configure_logging(args.log_level, args.log_format, sys.stdout if args.command == "serve" else None)
         model_path = resolve_model_path(args.model, environ)
         if args.command == "serve":
             from server.serve import run_server

@@ -1,6 +1,6 @@
-"""structlog configuration: JSON lines when stderr is not a terminal, a console renderer when it is.
-
-Logs go to stderr so that commands printing results (``generate``) keep stdout clean.
+"""structlog configuration: JSON lines when the log stream is not a terminal, a console
+renderer when it is; ``--log-format`` forces either. ``serve`` logs to stdout, ``generate``
+(whose results are on stdout) to stderr. Context variables (``request_id``) join every line.
 """
 
 from __future__ import annotations

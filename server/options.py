@@ -139,6 +139,8 @@ SERVER_FLAGS = (
     Flag("--tls-client-ca", Path, None, "CA (PEM) that client certificates must chain to: mutual TLS"),
     Flag("--auth-token-file", Path, None, "file with the bearer token every call but health must carry"),
     Flag("--warmup", boolean, True, "run a short generation before reporting SERVING (true/false)"),
+    Flag("--metrics-port", port, 9400, "Prometheus /metrics HTTP port (0: any free port, logged at startup)"),
+    Flag("--log-prompts", boolean, False, "include prompt text in request logs (true/false)"),
 )
 
 

@@ -23,6 +23,7 @@ from mistralserve.v1 import generation_pb2 as pb
 
 from scheduler.request import SamplingParams
 from server.auth import BearerTokenInterceptor
+from server.metrics import ServerMetrics
 from server.runtime import Runtime, build_runtime, runtime_options
 from server.servicer import SERVICE, GenerationServicer, ServerState
 
@@ -64,6 +65,18 @@ def read(path: Path) -> bytes:
         raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def model_info_labels(runtime: Runtime) -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        "dtype": str(runtime.loaded.model.dtype).removeprefix("torch."),
+        "device": str(runtime.loaded.model.device),
+        "attention_backend": runtime.engine.runner.backend,
+        "block_size": str(runtime.cache.spec.block_size),
+        "version": version("mistral-serve"),
+    }
+
+
 async def warm_up(runtime: Runtime) -> None:
     prompt = runtime.tokenizer.encode("Hello") or [0]
     request = runtime.request("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
@@ -75,7 +88,7 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
     token = read(args.auth_token_file).decode().strip() if args.auth_token_file else None
     interceptors = [BearerTokenInterceptor(token)] if token is not None else []
     tls = credentials(args)
-    state = ServerState()
+    state = ServerState(log_prompts=args.log_prompts)
     server = grpc.aio.server(options=server_options(args), interceptors=interceptors)
     server.add_generic_rpc_handlers((GenerationServicer(state).handler(),))
     health = health_aio.HealthServicer()
@@ -103,10 +116,27 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
     runtime.engine.start()
     if args.warmup:
         await warm_up(runtime)
-    state.runtime = runtime
     state.model_name = args.served_model_name or runtime.loaded.name
+    metrics = ServerMetrics(state.model_name, runtime.engine.max_model_len)
+    metrics.attach(runtime.engine, model_info_labels(runtime))
+    metrics_port = metrics.serve(args.host, args.metrics_port)
+    state.metrics = metrics
+    state.runtime = runtime
     await set_health(health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", model=state.model_name, port=port, context_length=runtime.engine.max_model_len)
+    log.info(
+        "serving",
+        model=state.model_name,
+        port=port,
+        metrics_port=metrics_port,
+        context_length=runtime.engine.max_model_len,
+    )
+
+    async def drain_metrics() -> None:
+        while not stop.is_set():
+            metrics.drain()
+            await asyncio.sleep(1.0)
+
+    drainer = asyncio.create_task(drain_metrics())
 
     async def watch_engine() -> None:
         while not stop.is_set():
@@ -129,6 +159,7 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
         log.warning("grace period over, cancelling calls in flight", inflight=state.inflight)
     await server.stop(grace=max(0.0, deadline - loop.time()))
     watchdog.cancel()
+    drainer.cancel()
     runtime.engine.shutdown(timeout=10)
     log.info("stopped")
     return 0

@@ -9,6 +9,7 @@ its blocks are freed at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -18,6 +19,7 @@ import structlog
 from mistralserve.v1 import generation_pb2 as pb
 
 from scheduler.request import EngineDeadError, FinishReason, QueueFullError, RequestOutput, TokenLogprobs
+from server.metrics import ServerMetrics
 from server.runtime import Runtime
 from server.validation import InvalidRequest, Parsed, Prepared, deserializer, prepare
 
@@ -38,10 +40,50 @@ class ServerState:
     """What the servicer needs to know of the process: loaded yet, draining, calls in flight."""
 
     runtime: Runtime | None = None
+    metrics: ServerMetrics | None = None
     model_name: str = ""
+    log_prompts: bool = False
     draining: bool = False
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class RequestLog:
+    """What the ``request finished`` line reports, as the client saw it."""
+
+    prompt_tokens: int
+    peer: str
+    start: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+
+    def saw(self, output: RequestOutput) -> None:
+        if output.token_ids and self.first_token is None:
+            self.first_token = time.monotonic()
+        self.completion_tokens += len(output.token_ids)
+        if output.finished:
+            assert output.finish_reason is not None
+            self.finish_reasons[output.index] = output.finish_reason.value
+            if output.usage is not None:
+                self.cached_tokens = output.usage.cached_tokens
+
+    def finished(self, num_samples: int) -> None:
+        reasons = [self.finish_reasons.get(i, FinishReason.ABORT.value) for i in range(num_samples)]
+        fields: dict[str, Any] = {"finish_reasons": reasons} if num_samples > 1 else {}
+        log.info(
+            "request finished",
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
+            time_to_first_token=None if self.first_token is None else round(self.first_token - self.start, 6),
+            total_time=round(time.monotonic() - self.start, 6),
+            finish_reason=reasons[0],
+            peer=self.peer,
+            **fields,
+        )
 
 
 async def abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -75,14 +117,21 @@ class GenerationServicer:
             },
         )
 
+    async def _reject(self, context: Context, code: grpc.StatusCode, reason: str, message: str) -> NoReturn:
+        if self.state.metrics is not None:
+            self.state.metrics.reject(reason)
+        log.info("request rejected", reason=reason, error=message, peer=context.peer())
+        await abort(context, code, message)
+
     async def _runtime(self, context: Context) -> Runtime:
+        unavailable = grpc.StatusCode.UNAVAILABLE
         if self.state.draining:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            await self._reject(context, unavailable, "unavailable", "the server is shutting down")
         runtime = self.state.runtime
         if runtime is None:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            await self._reject(context, unavailable, "unavailable", "the model is still loading")
         if not runtime.engine.alive:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "the engine is not running")
+            await self._reject(context, unavailable, "unavailable", "the engine is not running")
         return runtime
 
     async def _prepare(self, parsed: Parsed, context: Context) -> tuple[Runtime, Prepared]:
@@ -92,7 +141,17 @@ class GenerationServicer:
                 parsed, runtime.tokenizer, runtime.loaded.config.vocab_size, runtime.engine.max_model_len
             )
         except InvalidRequest as exc:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", str(exc))
+        fields: dict[str, Any] = {"prompt": parsed.message.prompt} if self.state.log_prompts else {}
+        log.info(
+            "request received",
+            request_id=prepared.request_id,
+            prompt_tokens=len(prepared.prompt_ids),
+            n=prepared.params.n,
+            max_tokens=prepared.params.max_tokens,
+            peer=context.peer(),
+            **fields,
+        )
         return runtime, prepared
 
     async def _submit(self, runtime: Runtime, prepared: Prepared, context: Context) -> AsyncIterator[RequestOutput]:
@@ -100,11 +159,11 @@ class GenerationServicer:
         try:
             return runtime.engine.add(request)
         except QueueFullError as exc:
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full", str(exc))
         except EngineDeadError as exc:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, "unavailable", str(exc))
         except ValueError as exc:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", str(exc))
 
     def _enter(self) -> None:
         self.state.inflight += 1
@@ -119,23 +178,33 @@ class GenerationServicer:
 
     async def GenerateStream(self, parsed: Parsed, context: Context) -> AsyncIterator[pb.GenerateStreamResponse]:
         runtime, prepared = await self._prepare(parsed, context)
-        self._enter()
-        finished = 0
-        try:
-            outputs = await self._submit(runtime, prepared, context)
-            async for output in outputs:
-                yield self._stream_response(runtime, output)
-                if output.finished:
-                    finished += 1
-                    if output.finish_reason == FinishReason.ERROR:
-                        await abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {output.error}")
-        finally:
-            if finished < prepared.params.n:  # cancelled, deadline, disconnect: free the blocks
-                runtime.engine.abort(prepared.request_id)
-            self._leave()
+        with structlog.contextvars.bound_contextvars(request_id=prepared.request_id):
+            record = RequestLog(len(prepared.prompt_ids), context.peer())
+            self._enter()
+            finished = 0
+            try:
+                outputs = await self._submit(runtime, prepared, context)
+                async for output in outputs:
+                    record.saw(output)
+                    yield self._stream_response(runtime, output)
+                    if output.finished:
+                        finished += 1
+                        if output.finish_reason == FinishReason.ERROR:
+                            log.error("generation failed", error=output.error)
+                            await abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {output.error}")
+            finally:
+                if finished < prepared.params.n:  # cancelled, deadline, disconnect: free the blocks
+                    runtime.engine.abort(prepared.request_id)
+                record.finished(prepared.params.n)
+                self._leave()
 
     async def Generate(self, parsed: Parsed, context: Context) -> pb.GenerateResponse:
         runtime, prepared = await self._prepare(parsed, context)
+        with structlog.contextvars.bound_contextvars(request_id=prepared.request_id):
+            return await self._generate(runtime, prepared, context)
+
+    async def _generate(self, runtime: Runtime, prepared: Prepared, context: Context) -> pb.GenerateResponse:
+        record = RequestLog(len(prepared.prompt_ids), context.peer())
         self._enter()
         completions = {i: pb.Completion(index=i) for i in range(prepared.params.n)}
         usage = pb.Usage()
@@ -143,6 +212,7 @@ class GenerationServicer:
         try:
             outputs = await self._submit(runtime, prepared, context)
             async for output in outputs:
+                record.saw(output)
                 completion = completions[output.index]
                 completion.text += output.text
                 completion.token_ids.extend(output.token_ids)
@@ -150,6 +220,7 @@ class GenerationServicer:
                 if output.finished:
                     finished += 1
                     if output.finish_reason == FinishReason.ERROR:
+                        log.error("generation failed", error=output.error)
                         await abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {output.error}")
                     self._finish(completion, output)
                     if output.usage is not None:
@@ -159,6 +230,7 @@ class GenerationServicer:
         finally:
             if finished < prepared.params.n:
                 runtime.engine.abort(prepared.request_id)
+            record.finished(prepared.params.n)
             self._leave()
         return pb.GenerateResponse(
             request_id=prepared.request_id, completions=[completions[i] for i in sorted(completions)], usage=usage

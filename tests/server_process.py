@@ -23,9 +23,9 @@ class ServerProcess:
     def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.stderr_file: IO[str] = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
         command = [str(SCRIPT), "serve", "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
-        command += ["--log-format", "json", "--kv-cache-memory", "32MiB", *args]
+        command += ["--log-format", "json", "--kv-cache-memory", "32MiB", "--metrics-port", "0", *args]
         self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=self.stderr_file, env={**os.environ, **(env or {})}, text=True
+            command, stdout=self.stderr_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, text=True
         )
         self.port = self._wait_for_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -78,6 +78,13 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise TimeoutError("the server never became SERVING")
+
+    def metrics_url(self) -> str:
+        """The /metrics address (from the ``serving`` log line; call after ``wait_serving``)."""
+        for line in self.log_lines():
+            if line.get("event") == "serving":
+                return f"http://127.0.0.1:{line['metrics_port']}/metrics"
+        raise RuntimeError("the server has not logged 'serving' yet")
 
     def stub(self, channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
         return pb_grpc.GenerationServiceStub(channel)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from mistralserve.v1 import generation_pb2 as pb
 
@@ -149,6 +148,3 @@ def test_grpcurl_lists_through_reflection_and_streams(server: ServerProcess) -> 
 
 def test_health_reports_serving(server: ServerProcess) -> None:
     assert server.health() == "SERVING"
-    with server.channel() as channel, pytest.raises(grpc.RpcError) as error:
-        server.stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=0.000001)
-    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
