@@ -7,6 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 # xformers' kernels need CUDA; on CPU its mask classes and reference attention test our masks.
 # --no-deps: its pinned torch requirement would pull another torch build.
 XFORMERS_SPEC ?= xformers==0.0.35
+# Extra pip arguments for torch, e.g. the Dockerfile's "--index-url https://download.pytorch.org/whl/cpu".
+TORCH_PIP_ARGS ?=
+# Optional dependency groups of the server: [test] for development; the container image uses none.
+EXTRAS ?= [test]
 PROMPT ?= Once upon a time
 
 .PHONY: install fetch-model serve generate test test-deps lint typecheck unit protos buf-breaking clean
@@ -14,8 +18,8 @@ PROMPT ?= Once upon a time
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e clients/python -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e clients/python -e ".$(EXTRAS)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps "$(XFORMERS_SPEC)"
 	touch $@
 

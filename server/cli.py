@@ -2,7 +2,7 @@
 
 mistral-serve serve [flags]              the gRPC server
 mistral-serve generate [flags] PROMPT    offline generation through the same engine
-mistral-serve fetch-model                download the default model, print its path
+mistral-serve fetch-model [--cache-dir]  download the default model, print its path
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from model.config import CheckpointError
 from model.default_model import ModelFetchError, default_cache_dir, ensure_default_model
 from server.logging_setup import configure_logging
 from server.options import (
+    CACHE_FLAGS,
     RUNTIME_FLAGS,
     SERVER_FLAGS,
     add_flags,
@@ -31,6 +32,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gRPC server")
+    add_flags(serve, CACHE_FLAGS, environ)
     add_flags(serve, RUNTIME_FLAGS, environ)
     add_flags(serve, SERVER_FLAGS, environ)
 
@@ -43,16 +45,20 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default), > 0 samples")
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    add_flags(gen, CACHE_FLAGS, environ)
     add_flags(
         gen, RUNTIME_FLAGS, {**environ, "MISTRALSERVE_LOG_LEVEL": environ.get("MISTRALSERVE_LOG_LEVEL", "warning")}
     )
 
-    commands.add_parser("fetch-model", help="download the default model into the cache and print its path")
+    fetch = commands.add_parser("fetch-model", help="download the default model into the cache and print its path")
+    add_flags(fetch, CACHE_FLAGS, environ)
     return parser
 
 
-def resolve_model_path(path: Path | None, environ: Mapping[str, str]) -> Path:
-    return path if path is not None else ensure_default_model(default_cache_dir(environ))
+def resolve_model_path(path: Path | None, cache_dir: Path | None, environ: Mapping[str, str]) -> Path:
+    if path is not None:
+        return path
+    return ensure_default_model(cache_dir if cache_dir is not None else default_cache_dir(environ))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,12 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(environ).parse_args(argv)
     try:
         if args.command == "fetch-model":
-            print(resolve_model_path(None, environ))
+            print(resolve_model_path(None, args.cache_dir, environ))
             return 0
         # The server logs to stdout (what container runtimes collect); `generate` prints its
         # results there, so its logs go to stderr.
         configure_logging(args.log_level, args.log_format, sys.stdout if args.command == "serve" else None)
-        model_path = resolve_model_path(args.model, environ)
+        model_path = resolve_model_path(args.model, args.cache_dir, environ)
         if args.command == "serve":
             from server.serve import run_server
 

@@ -107,6 +107,11 @@ class Flag:
         return ENV_PREFIX + self.dest.upper()
 
 
+# Where the default model is downloaded: `serve`, `generate` and `fetch-model`.
+CACHE_FLAGS = (
+    Flag("--cache-dir", Path, None, "download cache of the default model (default: $XDG_CACHE_HOME/mistral-serve)"),
+)
+
 # Model, cache and engine: shared by `serve` and `generate`.
 RUNTIME_FLAGS = (
     Flag("--model", Path, None, "checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)"),
@@ -121,7 +126,7 @@ RUNTIME_FLAGS = (
     Flag("--max-num-batched-tokens", positive_int, 2048, "tokens per engine step"),
     Flag("--max-num-seqs", positive_int, 64, "sequences per engine step"),
     Flag("--max-queued-requests", non_negative_int, 1024, "waiting requests before RESOURCE_EXHAUSTED"),
-    Flag("--log-level", None, "info", "log level (logs go to stderr)", LOG_LEVELS),
+    Flag("--log-level", None, "info", "log level (serve logs to stdout, generate to stderr)", LOG_LEVELS),
     Flag("--log-format", None, "auto", "auto: console on a terminal, JSON lines otherwise", LOG_FORMATS),
 )
 
@@ -139,6 +144,7 @@ SERVER_FLAGS = (
     Flag("--tls-client-ca", Path, None, "CA (PEM) that client certificates must chain to: mutual TLS"),
     Flag("--auth-token-file", Path, None, "file with the bearer token every call but health must carry"),
     Flag("--warmup", boolean, True, "run a short generation before reporting SERVING (true/false)"),
+    Flag("--health-port", port, None, "extra plaintext port serving only grpc.health.v1 (for kubelet probes)"),
     Flag("--metrics-port", port, 9400, "Prometheus /metrics HTTP port (0: any free port, logged at startup)"),
     Flag("--log-prompts", boolean, False, "include prompt text in request logs (true/false)"),
 )
@@ -165,7 +171,7 @@ def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], environ: M
 
 
 def env_names() -> set[str]:
-    return {flag.env for flag in (*RUNTIME_FLAGS, *SERVER_FLAGS)}
+    return {flag.env for flag in (*CACHE_FLAGS, *RUNTIME_FLAGS, *SERVER_FLAGS)}
 
 
 def environment() -> Mapping[str, str]:

@@ -5,6 +5,10 @@ loop); the engine thread starts; a short warm-up generation runs (it also compil
 CPU attention kernel); health turns SERVING. On SIGTERM or SIGINT: health NOT_SERVING, new
 calls get UNAVAILABLE, calls in flight get ``--shutdown-grace`` seconds to finish, then
 the server stops and the process exits 0. A dead engine thread turns health NOT_SERVING.
+
+Health service names: "" and the generation service follow the life above (readiness);
+"liveness" is SERVING until the engine thread dies. ``--health-port`` adds a plaintext
+port with only the health service, for probes that cannot do TLS or send a token.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from server.runtime import Runtime, build_runtime, runtime_options
 from server.servicer import SERVICE, GenerationServicer, ServerState
 
 log = structlog.get_logger(__name__)
+LIVENESS = "liveness"  # health service name for liveness probes
 SERVICE_NAMES = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
 
 
@@ -99,13 +104,36 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
     if port == 0:
         raise ValueError(f"cannot listen on {address}")
 
+    # The kubelet's gRPC probes speak neither TLS nor tokens: an optional plaintext port
+    # serves the same health statuses and nothing else.
+    health_server = None
+    health_port = None
+    if args.health_port is not None:
+        health_server = grpc.aio.server(options=server_options(args))
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        health_port = health_server.add_insecure_port(f"{args.host}:{args.health_port}")
+        if health_port == 0:
+            raise ValueError(f"cannot listen on {args.host}:{args.health_port}")
+
     async def set_health(status: int) -> None:
         for name in ("", SERVICE):
             await health.set(name, status)
 
     await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    # "liveness": SERVING from the start (loading is the startup probe's business) until the
+    # engine thread dies; draining does not fail it, so a liveness probe never kills a drain.
+    await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
-    log.info("grpc server listening", host=args.host, port=port, tls=tls is not None, auth=token is not None)
+    if health_server is not None:
+        await health_server.start()
+    log.info(
+        "grpc server listening",
+        host=args.host,
+        port=port,
+        health_port=health_port,
+        tls=tls is not None,
+        auth=token is not None,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -143,6 +171,7 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
             if not runtime.engine.alive:
                 log.error("engine thread died: reporting NOT_SERVING")
                 await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                await health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
                 return
             await asyncio.sleep(0.5)
 
@@ -158,6 +187,8 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
     except TimeoutError:
         log.warning("grace period over, cancelling calls in flight", inflight=state.inflight)
     await server.stop(grace=max(0.0, deadline - loop.time()))
+    if health_server is not None:
+        await health_server.stop(grace=None)
     watchdog.cancel()
     drainer.cancel()
     runtime.engine.shutdown(timeout=10)

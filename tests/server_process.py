@@ -19,6 +19,11 @@ from mistralserve.v1 import generation_pb2_grpc as pb_grpc
 SCRIPT = Path(sys.executable).parent / "mistral-serve"
 
 
+def check_health(channel: grpc.Channel, service: str) -> str:
+    response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
 class ServerProcess:
     def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.stderr_file: IO[str] = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
@@ -27,7 +32,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             command, stdout=self.stderr_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, text=True
         )
-        self.port = self._wait_for_port()
+        self.port, self.health_port = self._wait_for_port()
         self.target = f"127.0.0.1:{self.port}"
 
     def log_lines(self) -> list[dict[str, Any]]:
@@ -39,12 +44,14 @@ class ServerProcess:
                 continue
         return lines
 
-    def _wait_for_port(self, timeout: float = 120.0) -> int:
+    def _wait_for_port(self, timeout: float = 120.0) -> tuple[int, int | None]:
+        """The gRPC port and the plaintext health port (None without ``--health-port``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in self.log_lines():
                 if line.get("event") == "grpc server listening":
-                    return int(line["port"])
+                    health_port = line.get("health_port")
+                    return int(line["port"]), None if health_port is None else int(health_port)
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"server exited {self.process.returncode}: {Path(self.stderr_file.name).read_text()}"
@@ -59,10 +66,15 @@ class ServerProcess:
             return grpc.insecure_channel(self.target, options=opts)
         return grpc.secure_channel(self.target, credentials, options=opts)
 
-    def health(self, credentials: grpc.ChannelCredentials | None = None) -> str:
+    def health(self, credentials: grpc.ChannelCredentials | None = None, service: str = "") -> str:
         with self.channel(credentials) as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+            return check_health(channel, service)
+
+    def plaintext_health(self, service: str = "") -> str:
+        """Health through ``--health-port`` (plaintext, whatever the main port does)."""
+        assert self.health_port is not None, "the server was started without --health-port"
+        with grpc.insecure_channel(f"127.0.0.1:{self.health_port}") as channel:
+            return check_health(channel, service)
 
     def wait_serving(self, timeout: float = 300.0, credentials: grpc.ChannelCredentials | None = None) -> None:
         deadline = time.monotonic() + timeout

@@ -20,10 +20,14 @@ from tests.server_process import ServerProcess
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "helm" / "mistral-serve" / "dashboards" / "mistral-serve.json"
 PER_REQUEST_HISTOGRAMS = (
-    "time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
-    "request_prefill_time_seconds", "request_decode_time_seconds", "request_prompt_tokens",
+    "time_to_first_token_seconds",
+    "e2e_request_latency_seconds",
+    "request_queue_time_seconds",
+    "request_prefill_time_seconds",
+    "request_decode_time_seconds",
+    "request_prompt_tokens",
     "request_generation_tokens",
-)  # fmt: skip
+)
 
 
 def promtool() -> str:
@@ -65,19 +69,29 @@ def settled(server: ServerProcess, requests: int, timeout: float = 20.0) -> Scra
 
 def test_counters_and_histograms_after_a_known_workload(metrics_server: ServerProcess) -> None:
     greedy = pb.SamplingOptions(temperature=0.0)
-    reference = generate(metrics_server, pb.GenerateRequest(
-        prompt_token_ids=ids(4), sampling=greedy, stopping=pb.StoppingOptions(max_tokens=10, ignore_eos=True)
-    ))  # fmt: skip
+    reference = generate(
+        metrics_server,
+        pb.GenerateRequest(
+            prompt_token_ids=ids(4), sampling=greedy, stopping=pb.StoppingOptions(max_tokens=10, ignore_eos=True)
+        ),
+    )
     tokens = list(reference.completions[0].token_ids)
     stop_at = tokens.index(tokens[2]) + 1  # the first occurrence ends the stopped request
     workload = [
         pb.GenerateRequest(prompt_token_ids=ids(7), stopping=pb.StoppingOptions(max_tokens=5, ignore_eos=True)),
         pb.GenerateRequest(prompt_token_ids=ids(13), stopping=pb.StoppingOptions(max_tokens=9, ignore_eos=True)),
-        pb.GenerateRequest(prompt_token_ids=ids(4), sampling=greedy,
-                           stopping=pb.StoppingOptions(max_tokens=10, ignore_eos=True, stop_token_ids=[tokens[2]])),
-        pb.GenerateRequest(prompt_token_ids=ids(5), n=2, sampling=pb.SamplingOptions(seed=3),
-                           stopping=pb.StoppingOptions(max_tokens=3, ignore_eos=True)),
-    ]  # fmt: skip
+        pb.GenerateRequest(
+            prompt_token_ids=ids(4),
+            sampling=greedy,
+            stopping=pb.StoppingOptions(max_tokens=10, ignore_eos=True, stop_token_ids=[tokens[2]]),
+        ),
+        pb.GenerateRequest(
+            prompt_token_ids=ids(5),
+            n=2,
+            sampling=pb.SamplingOptions(seed=3),
+            stopping=pb.StoppingOptions(max_tokens=3, ignore_eos=True),
+        ),
+    ]
     responses = [generate(metrics_server, request) for request in workload]
     assert [len(c.token_ids) for r in responses for c in r.completions] == [5, 9, stop_at, 3, 3]
     with metrics_server.channel() as channel, pytest.raises(grpc.RpcError):
@@ -166,10 +180,20 @@ def dashboard_expressions() -> list[str]:
 def test_dashboard_promql_parses(tmp_path: Path) -> None:
     expressions = dashboard_expressions()
     assert len(expressions) >= 10
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:expr_{i}", "expr": expr.replace("$__rate_interval", "5m").replace("$model_name", ".*")}
-        for i, expr in enumerate(expressions)
-    ]}]}  # fmt: skip
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {
+                        "record": f"dashboard:expr_{i}",
+                        "expr": expr.replace("$__rate_interval", "5m").replace("$model_name", ".*"),
+                    }
+                    for i, expr in enumerate(expressions)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "rules.yml"
     path.write_text(json.dumps(rules))  # JSON is YAML
     result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
@@ -182,6 +206,123 @@ def test_dashboard_uses_only_exported_metrics(metrics_server: ServerProcess) -> 
     referenced = {name for expr in dashboard_expressions() for name in re.findall(r"mistralserve_[a-z0-9_]+", expr)}
     assert referenced and referenced <= exported, referenced - exported
     panels = {p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]}
-    for needed in ("Generation throughput", "Time to first token", "Inter-token latency", "Queue depth",
-                   "KV-cache usage", "Preemptions", "Error rate"):  # fmt: skip
+    for needed in (
+        "Generation throughput",
+        "Time to first token",
+        "Inter-token latency",
+        "Queue depth",
+        "KV-cache usage",
+        "Preemptions",
+        "Error rate",
+    ):
         assert needed in panels
+
+
+def alert_groups() -> list[dict[str, object]]:
+    from tests.helm_chart import CHART, only, render, scenario_values
+
+    rule = only(render(scenario_values(CHART / "ci" / "monitoring-values.yaml")), "PrometheusRule")
+    groups: list[dict[str, object]] = rule["spec"]["groups"]
+    return groups
+
+
+def alert_expressions() -> list[str]:
+    return [str(rule["expr"]) for group in alert_groups() for rule in group["rules"]]  # type: ignore[attr-defined]
+
+
+def test_chart_alert_rules_pass_promtool(tmp_path: Path) -> None:
+    path = tmp_path / "alerts.yml"
+    path.write_text(json.dumps({"groups": alert_groups()}))
+    result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout
+
+
+def test_chart_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
+    """``promtool test rules``: synthetic series in, exactly the expected alerts out."""
+    (tmp_path / "alerts.yml").write_text(json.dumps({"groups": alert_groups()}))
+    target = 'namespace="llm", service="demo-mistral-serve", pod="p1", model_name="m"'
+    tests = {
+        "rule_files": ["alerts.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f"mistralserve_kv_cache_usage_ratio{{{target}}}", "values": "0.99x40"},
+                    {
+                        "series": f'mistralserve_request_success_total{{{target}, finished_reason="stop"}}',
+                        "values": "0+10x40",
+                    },
+                    {
+                        "series": f'mistralserve_request_success_total{{{target}, finished_reason="error"}}',
+                        "values": "0+2x40",
+                    },
+                    {
+                        "series": f'mistralserve_admission_rejections_total{{{target}, reason="queue_full"}}',
+                        "values": "0+0x40",
+                    },
+                    {"series": f"mistralserve_num_requests_waiting{{{target}}}", "values": "0+1x40"},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "20m",
+                        "alertname": "MistralServeKVCacheNearlyFull",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "pod": "p1", "model_name": "m"},
+                                "exp_annotations": {
+                                    "summary": "KV cache of p1 is 99% full",
+                                    "description": "A full KV cache preempts requests; "
+                                    "raise kvCacheMemory or lower maxNumSeqs.",
+                                },
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "10m",
+                        "alertname": "MistralServeKVCacheNearlyFull",  # not yet: `for: 15m`
+                        "exp_alerts": [],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "MistralServeErrorRate",  # 2 errors in 12 finished: 17% > 5%
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "model_name": "m"},
+                                "exp_annotations": {
+                                    "summary": "More than 5% of requests to m fail or are rejected",
+                                    "description": 'Check the server logs for "request finished" lines with '
+                                    'finish_reason error and for "request rejected" lines.',
+                                },
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "MistralServeQueueGrowing",  # 1 more waiting each minute, above 16
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "pod": "p1", "model_name": "m"},
+                                "exp_annotations": {
+                                    "summary": "Waiting queue of p1 is above 16 and growing",
+                                    "description": "Requests arrive faster than the pod serves them; scale out.",
+                                },
+                            }
+                        ],
+                    },
+                    {"eval_time": "30m", "alertname": "MistralServeHighTimeToFirstToken", "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    (tmp_path / "tests.yml").write_text(json.dumps(tests))
+    result = subprocess.run([promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_chart_alerts_use_only_exported_metrics(metrics_server: ServerProcess) -> None:
+    exported = scrape(metrics_server.metrics_url()).sample_names()
+    referenced = {name for expr in alert_expressions() for name in re.findall(r"mistralserve_[a-z0-9_]+", expr)}
+    assert len(referenced) >= 5 and referenced <= exported, referenced - exported

@@ -58,6 +58,8 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero(tiny_checkpoint: Path) 
                 pb.GenerateRequest(prompt="late", stopping=pb.StoppingOptions(max_tokens=2)), timeout=10
             )
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.health() == "NOT_SERVING"  # readiness: out of the Service's endpoints
+        assert server.health(service="liveness") == "SERVING"  # a liveness probe must not kill the drain
         thread.join(timeout=120)
         assert server.process.wait(timeout=60) == 0
         assert time.monotonic() - signalled < 60
@@ -147,13 +149,21 @@ def test_tls(tiny_checkpoint: Path, pki: Pki) -> None:
 @pytest.mark.slow
 def test_mutual_tls(tiny_checkpoint: Path, pki: Pki) -> None:
     args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)]
-    server = ServerProcess(tiny_checkpoint, *args)
+    server = ServerProcess(tiny_checkpoint, *args, "--health-port", "0")
     try:
         server.wait_serving(credentials=tls(pki, client_cert=True))
         assert len(generate(server, tls(pki, client_cert=True)).completions[0].token_ids) == 3
         with pytest.raises(grpc.RpcError) as no_client_cert:
             generate(server, tls(pki))
         assert no_client_cert.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The kubelet's probes: plaintext, no client certificate, on the health-only port.
+        assert server.health_port not in (None, server.port)
+        assert server.plaintext_health() == "SERVING"
+        assert server.plaintext_health("liveness") == "SERVING"
+        assert server.plaintext_health("mistralserve.v1.GenerationService") == "SERVING"
+        with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel, pytest.raises(grpc.RpcError) as only:
+            server.stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        assert only.value.code() == grpc.StatusCode.UNIMPLEMENTED  # nothing but health there
     finally:
         server.close()
 
