@@ -52,6 +52,19 @@ class Runtime:
     blocks: BlockManager
     engine: Engine
 
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as users write it: ``float32``."""
+        return str(self.loaded.model.dtype).removeprefix("torch.")
+
+    @property
+    def kv_dtype_name(self) -> str:
+        return str(self.cache.spec.dtype).removeprefix("torch.")
+
+    @property
+    def device_name(self) -> str:
+        return str(self.loaded.model.device)
+
     def request(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0
     ) -> EngineRequest:

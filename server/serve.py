@@ -74,8 +74,8 @@ def model_info_labels(runtime: Runtime) -> dict[str, str]:
     from importlib.metadata import version
 
     return {
-        "dtype": str(runtime.loaded.model.dtype).removeprefix("torch."),
-        "device": str(runtime.loaded.model.device),
+        "dtype": runtime.dtype_name,
+        "device": runtime.device_name,
         "attention_backend": runtime.engine.runner.backend,
         "block_size": str(runtime.cache.spec.block_size),
         "version": version("mistral-serve"),

@@ -333,9 +333,9 @@ class GenerationServicer:
             kv_cache_blocks=runtime.blocks.num_blocks,
             kv_cache_tokens=runtime.blocks.num_blocks * cache.spec.block_size,
             kv_cache_free_blocks=runtime.blocks.num_free_blocks,
-            dtype=str(runtime.loaded.model.dtype).removeprefix("torch."),
-            kv_cache_dtype=str(cache.spec.dtype).removeprefix("torch."),
-            device=str(runtime.loaded.model.device),
+            dtype=runtime.dtype_name,
+            kv_cache_dtype=runtime.kv_dtype_name,
+            device=runtime.device_name,
             attention_backend=runtime.engine.runner.backend,
             checkpoint_format=runtime.loaded.format,
         )

@@ -40,6 +40,15 @@ def render(values: dict[str, Any] | None = None, release: str = RELEASE) -> list
     return objects
 
 
+def scenario(name: str) -> dict[str, Any]:
+    """The values of ``ci/<name>-values.yaml``."""
+    return scenario_values(CHART / "ci" / f"{name}-values.yaml")
+
+
+def render_scenario(name: str) -> list[Manifest]:
+    return render(scenario(name))
+
+
 def render_notes(values: dict[str, Any] | None = None) -> str:
     rendered = chart().render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return next(text for template, text in rendered.items() if template.endswith("NOTES.txt"))

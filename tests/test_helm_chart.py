@@ -20,7 +20,20 @@ from kubernetes_validate.utils import all_versions, major_minor
 
 from server.cli import build_parser
 from server.options import env_names
-from tests.helm_chart import CHART, NAMESPACE, SCENARIOS, Manifest, kinds, only, render, render_notes, scenario_values
+from tests.helm_chart import (
+    CHART,
+    NAMESPACE,
+    SCENARIOS,
+    Manifest,
+    chart,
+    kinds,
+    only,
+    render,
+    render_notes,
+    render_scenario,
+    scenario,
+    scenario_values,
+)
 
 SCENARIO_IDS = [path.name for path in SCENARIOS]
 # Prometheus Operator custom resources: kubernetes-validate ships only the built-in API
@@ -91,7 +104,7 @@ def test_the_validator_is_strict_enough_to_catch_a_typo() -> None:
 
 def test_only_the_prometheus_operator_kinds_lack_a_kubernetes_schema() -> None:
     missing = set()
-    for obj in render(scenario_values(CHART / "ci" / "monitoring-values.yaml")):
+    for obj in render_scenario("monitoring"):
         try:
             kubernetes_validate.validate(obj, "1.29", strict=True)
         except kubernetes_validate.SchemaNotFoundError:
@@ -109,8 +122,6 @@ def schema() -> dict[str, Any]:
 
 @pytest.mark.parametrize("values_file", [CHART / "values.yaml", *SCENARIOS], ids=["values.yaml", *SCENARIO_IDS])
 def test_values_files_validate_against_the_schema(values_file: Path) -> None:
-    from tests.helm_chart import chart
-
     values = scenario_values(values_file)
     merged = chart().merge_values(values)
     jsonschema.Draft7Validator(schema()).validate(merged)
@@ -244,10 +255,11 @@ def test_security_context_is_locked_down(values_file: Path) -> None:
 
 
 def test_gpu_limit_only_in_the_gpu_scenario() -> None:
-    gpu = server_container(render(scenario_values(CHART / "ci" / "gpu-values.yaml")))
+    objects = render_scenario("gpu")
+    gpu = server_container(objects)
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert env_of(gpu)["MISTRALSERVE_DEVICE"] == "cuda"
-    pod = only(render(scenario_values(CHART / "ci" / "gpu-values.yaml")), "Deployment")["spec"]["template"]["spec"]
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
     assert pod["runtimeClassName"] == "nvidia"
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     for values_file in SCENARIOS:
@@ -282,7 +294,7 @@ def test_every_server_setting_reaches_the_server_with_its_value() -> None:
 
 
 def test_a_model_from_a_claim_is_mounted_read_only_without_the_fetch_step() -> None:
-    objects = render(scenario_values(CHART / "ci" / "gpu-values.yaml"))
+    objects = render_scenario("gpu")
     pod = only(objects, "Deployment")["spec"]["template"]["spec"]
     assert "initContainers" not in pod
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
@@ -317,12 +329,12 @@ def test_service_exposes_grpc_and_metrics_by_port_name() -> None:
 
 
 def test_headless_service_for_client_side_balancing() -> None:
-    service = only(render(scenario_values(CHART / "ci" / "autoscaling-values.yaml")), "Service")
+    service = only(render_scenario("autoscaling"), "Service")
     assert service["spec"]["clusterIP"] == "None"
 
 
 def test_service_monitor_selects_the_services_metrics_port() -> None:
-    objects = render(scenario_values(CHART / "ci" / "monitoring-values.yaml"))
+    objects = render_scenario("monitoring")
     monitor = only(objects, "ServiceMonitor")
     service = only(objects, "Service")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
@@ -337,7 +349,7 @@ def test_service_monitor_selects_the_services_metrics_port() -> None:
 
 
 def test_autoscaler_scales_the_deployment_on_cpu_and_queue_depth() -> None:
-    objects = render(scenario_values(CHART / "ci" / "autoscaling-values.yaml"))
+    objects = render_scenario("autoscaling")
     hpa = only(objects, "HorizontalPodAutoscaler")
     deployment = only(objects, "Deployment")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -354,20 +366,20 @@ def test_autoscaler_scales_the_deployment_on_cpu_and_queue_depth() -> None:
 
 def test_optional_objects_are_off_by_default() -> None:
     assert kinds(render()) == ["Deployment", "Service", "ServiceAccount"]
-    assert set(kinds(render(scenario_values(CHART / "ci" / "monitoring-values.yaml")))) == {
+    assert set(kinds(render_scenario("monitoring"))) == {
         "ConfigMap", "Deployment", "NetworkPolicy", "PrometheusRule", "Service", "ServiceAccount", "ServiceMonitor",
     }  # fmt: skip
 
 
 def test_dashboard_configmap_ships_the_repository_dashboard() -> None:
-    configmap = only(render(scenario_values(CHART / "ci" / "monitoring-values.yaml")), "ConfigMap")
+    configmap = only(render_scenario("monitoring"), "ConfigMap")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     shipped = json.loads(configmap["data"]["mistral-serve.json"])
     assert shipped == json.loads((CHART / "dashboards" / "mistral-serve.json").read_text())
 
 
 def test_network_policy_opens_exactly_the_three_ports() -> None:
-    policy = only(render(scenario_values(CHART / "ci" / "monitoring-values.yaml")), "NetworkPolicy")
+    policy = only(render_scenario("monitoring"), "NetworkPolicy")
     rules = policy["spec"]["ingress"]
     assert [rule["ports"][0]["port"] for rule in rules] == ["grpc", "metrics", "health"]
     assert rules[0]["from"] == [{"podSelector": {"matchLabels": {"mistral-serve-client": "true"}}}]
@@ -375,7 +387,7 @@ def test_network_policy_opens_exactly_the_three_ports() -> None:
 
 
 def test_tls_and_auth_files_come_from_mounted_secrets() -> None:
-    objects = render(scenario_values(CHART / "ci" / "tls-values.yaml"))
+    objects = render_scenario("tls")
     container = server_container(objects)
     env = env_of(container)
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
@@ -415,7 +427,7 @@ def test_helm_caps_release_names_at_53_characters() -> None:
 
 @pytest.mark.parametrize("release", ["r", LONGEST_RELEASE])
 def test_names_fit_63_characters_and_are_dns_labels(release: str) -> None:
-    values = scenario_values(CHART / "ci" / "monitoring-values.yaml")
+    values = scenario("monitoring")
     values["tls"] = {"enabled": True, "certificate": "C", "privateKey": "K"}
     objects = render(values, release=release)
     names = [obj["metadata"]["name"] for obj in objects]
@@ -432,7 +444,7 @@ def test_notes_show_a_grpcurl_call() -> None:
     assert "grpcurl -plaintext" in notes
     assert "mistralserve.v1.GenerationService/GenerateStream" in notes
     assert '"maxTokens": 16' in notes
-    tls_notes = render_notes(scenario_values(CHART / "ci" / "tls-values.yaml"))
+    tls_notes = render_notes(scenario("tls"))
     assert "-cacert" in tls_notes and "authorization: Bearer" in tls_notes and "-plaintext" not in tls_notes
 
 

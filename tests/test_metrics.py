@@ -14,6 +14,7 @@ import grpc
 import pytest
 from mistralserve.v1 import generation_pb2 as pb
 
+from tests.helm_chart import only, render_scenario
 from tests.prometheus_text import Scrape, scrape
 from tests.server_process import ServerProcess
 
@@ -219,9 +220,7 @@ def test_dashboard_uses_only_exported_metrics(metrics_server: ServerProcess) -> 
 
 
 def alert_groups() -> list[dict[str, object]]:
-    from tests.helm_chart import CHART, only, render, scenario_values
-
-    rule = only(render(scenario_values(CHART / "ci" / "monitoring-values.yaml")), "PrometheusRule")
+    rule = only(render_scenario("monitoring"), "PrometheusRule")
     groups: list[dict[str, object]] = rule["spec"]["groups"]
     return groups
 
