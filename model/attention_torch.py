@@ -4,10 +4,10 @@ Per step, metadata is built once from the batch; per layer the new K/V go into t
 slots, then each query gathers its sequence's keys through the block table and runs
 ``scaled_dot_product_attention(..., enable_gqa=True)`` (KV heads are never repeated).
 
-Single-token chunks (decode) are attended together: on CPU in fp32 by the compiled kernel
-of ``model.kernels`` that reads the paged cache in place (about 4x faster than gathering
-here), else as one padded SDPA batch. Longer chunks (prefill, possibly continuing a cached
-prefix) go one by one through SDPA. Key position ``kp`` of a
+Single-token chunks (decode) are attended together as one padded SDPA batch. Longer chunks
+(prefill, possibly continuing a cached prefix) go one by one through SDPA. (On CPU the
+``cpu`` backend's compiled kernel reads the paged cache in place instead: ``model.cpu_decoder``.)
+Key position ``kp`` of a
 sequence whose table starts at logical block ``f`` is ``f * block_size + column``; query
 at position ``qp`` sees it when ``kp <= qp`` and ``qp - kp < window``.
 """
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from model.attention import window_mask
 from model.batch import Batch, Chunk
-from model.kernels import cpu_kernels
 from model.kv_cache import NULL_BLOCK, PagedKVCache
 
 
@@ -52,14 +51,6 @@ def padded_tables(chunks: list[Chunk], block_size: int, device: torch.device) ->
     return tables.to(device), positions.to(device)
 
 
-@dataclass(frozen=True)
-class _KernelDecode:
-    rows: torch.Tensor
-    blocks: torch.Tensor  # (n, width) int64
-    key_start: torch.Tensor  # (n,) first visible table column
-    key_end: torch.Tensor  # (n,) one past the last
-
-
 class TorchPagedAttention:
     """The ``Attention`` of one forward pass over a packed batch (see ``model.attention``)."""
 
@@ -69,13 +60,8 @@ class TorchPagedAttention:
         batch: Batch,
         sliding_window: int | None,
         device: torch.device,
-        use_kernel: bool = True,
     ) -> None:
         self.cache = cache
-        self.kernel_decode: _KernelDecode | None = None
-        self._kernels = (
-            cpu_kernels() if use_kernel and device.type == "cpu" and cache.spec.dtype == torch.float32 else None
-        )
         block_size = cache.spec.block_size
         self.slot_mapping = torch.tensor(slot_mapping(batch, block_size), dtype=torch.long, device=device)
         self.groups: list[_Group] = []
@@ -94,16 +80,7 @@ class TorchPagedAttention:
                 mask = window_mask(query_pos, key_pos[0, :end], sliding_window)
                 self.groups.append(_Group(slice(row, row + n), blocks[0], end, mask))
             row += n
-        if decode_chunks and self._kernels is not None:
-            blocks, _ = padded_tables(decode_chunks, block_size, device)
-            table_start = [c.first_block * block_size for c in decode_chunks]
-            ends = [c.start_position + 1 - t for c, t in zip(decode_chunks, table_start, strict=True)]
-            window = sliding_window or max(ends)
-            starts = [max(0, e - window) for e in ends]
-            self.kernel_decode = _KernelDecode(
-                torch.tensor(decode_rows, dtype=torch.long), blocks, torch.tensor(starts), torch.tensor(ends)
-            )
-        elif decode_chunks:
+        if decode_chunks:
             blocks, key_pos = padded_tables(decode_chunks, block_size, device)
             query_pos = torch.tensor([c.start_position for c in decode_chunks], device=device)
             diff = query_pos[:, None] - key_pos
@@ -119,18 +96,6 @@ class TorchPagedAttention:
         key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot_mapping, k)
         value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot_mapping, v)
         out = torch.empty_like(q)
-        if self.kernel_decode is not None:
-            decode = self.kernel_decode
-            assert self._kernels is not None
-            out[decode.rows] = self._kernels.paged_decode_attention(
-                q[decode.rows].contiguous(),
-                key_cache,
-                value_cache,
-                decode.blocks,
-                decode.key_start,
-                decode.key_end,
-                q.shape[-1] ** -0.5,
-            )
         for group in self.groups:
             # whole blocks gathered at once: 16x fewer index entries than per-slot gathers
             shape = (*group.blocks.shape[:-1], -1, num_kv_heads, head_dim)
@@ -161,13 +126,6 @@ class TorchPagedAttention:
         block_size = self.cache.spec.block_size
         dense = torch.zeros(num_rows, self.cache.num_blocks * block_size, dtype=torch.bool)
         offsets = torch.arange(block_size)
-        if self.kernel_decode is not None:
-            decode = self.kernel_decode
-            for i, row in enumerate(decode.rows.tolist()):
-                start, end = int(decode.key_start[i]), int(decode.key_end[i])
-                columns = torch.arange(start, end)
-                slots = decode.blocks[i, columns // block_size].cpu() * block_size + columns % block_size
-                dense[row, slots] = True
         for group in self.groups:
             slots = (group.blocks[..., :, None].cpu() * block_size + offsets).flatten(-2)[..., : group.columns]
             if isinstance(group.rows, slice):

@@ -1,4 +1,9 @@
-"""Paged KV-cache tensors: per layer K and V of shape (num_blocks, block_size, n_kv_heads, head_dim).
+"""Paged KV-cache tensors: per layer K and V, ``num_blocks`` blocks of ``block_size`` tokens.
+
+Layouts: ``flat`` (the torch and xformers backends) keeps K and V as (num_blocks, block_size,
+n_kv_heads, head_dim); ``cpu`` (the compiled CPU kernels) is head-major with each block's keys
+transposed, K (num_blocks, n_kv_heads, head_dim, block_size) and V (num_blocks, n_kv_heads,
+block_size, head_dim), so one vector load holds a dimension of 16 consecutive keys.
 
 Sized for the KV heads, never the query heads: Mistral 7B (32 layers, 8 KV heads of 128,
 fp16) needs 2 * 32 * 8 * 128 * 2 = 131,072 bytes per token, a quarter of what the same
@@ -19,6 +24,7 @@ from model.mistral import MistralModel
 log = structlog.get_logger(__name__)
 
 NULL_BLOCK = 0
+LAYOUTS = ("flat", "cpu")
 
 
 @dataclass(frozen=True)
@@ -51,17 +57,25 @@ class KVCacheSpec:
 
 
 class PagedKVCache:
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device, layout: str = "flat") -> None:
         if num_blocks < 2:
             raise ValueError(
                 f"the KV cache needs at least 2 blocks of {spec.block_bytes} bytes (one is the null block), "
                 f"got {num_blocks}: raise the KV-cache memory budget"
             )
+        if layout not in LAYOUTS:
+            raise ValueError(f"KV-cache layout {layout!r} is not one of: {', '.join(LAYOUTS)}")
         self.spec = spec
         self.num_blocks = num_blocks
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.keys = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
-        self.values = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        self.layout = layout
+        blocks, size, heads, dim = num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim
+        key_shape, value_shape = (
+            ((blocks, size, heads, dim),) * 2
+            if layout == "flat"
+            else ((blocks, heads, dim, size), (blocks, heads, size, dim))
+        )
+        self.keys = [torch.zeros(key_shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        self.values = [torch.zeros(value_shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
         log.info(
             "kv cache allocated",
             bytes_per_token=spec.bytes_per_token,
@@ -71,11 +85,14 @@ class PagedKVCache:
             token_capacity=self.token_capacity,
             dtype=str(spec.dtype).removeprefix("torch."),
             device=str(device),
+            layout=layout,
         )
 
     @classmethod
-    def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, device: torch.device) -> PagedKVCache:
-        return cls(spec, spec.num_blocks_for(budget_bytes), device)
+    def from_budget(
+        cls, spec: KVCacheSpec, budget_bytes: int, device: torch.device, layout: str = "flat"
+    ) -> PagedKVCache:
+        return cls(spec, spec.num_blocks_for(budget_bytes), device, layout)
 
     @property
     def usable_block_ids(self) -> range:

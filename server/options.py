@@ -115,13 +115,25 @@ CACHE_FLAGS = (
 # Model, cache and engine: shared by `serve` and `generate`.
 RUNTIME_FLAGS = (
     Flag("--model", Path, None, "checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)"),
-    Flag("--dtype", None, "auto", "weights dtype; auto: float32 on CPU, bfloat16 on CUDA", DTYPES),
+    Flag(
+        "--dtype",
+        None,
+        "auto",
+        "weights dtype; auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32",
+        DTYPES,
+    ),
     Flag("--device", None, "auto", "auto: cuda when available, else cpu", ("auto", "cpu", "cuda")),
     Flag("--block-size", positive_int, 16, "tokens per KV-cache block"),
     Flag("--kv-cache-memory", size, None, "KV-cache budget, e.g. 2GiB (default: 1GiB on CPU, profiled on CUDA)"),
     Flag("--gpu-memory-utilization", fraction, 0.9, "CUDA: share of GPU memory for weights, activations, cache"),
     Flag("--kv-cache-dtype", None, "auto", "auto: the model's dtype", KV_DTYPES),
-    Flag("--attention-backend", None, "auto", "auto: xformers on CUDA when installed, else torch", BACKENDS),
+    Flag(
+        "--attention-backend",
+        None,
+        "auto",
+        "auto: xformers on CUDA when installed, else torch; on CPU the compiled kernels (cpu) for float32/bfloat16",
+        BACKENDS,
+    ),
     Flag("--enable-prefix-caching", boolean, True, "reuse KV blocks of shared prompt prefixes (true/false)"),
     Flag("--max-num-batched-tokens", positive_int, 2048, "tokens per engine step"),
     Flag("--max-num-seqs", positive_int, 64, "sequences per engine step"),

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from model.kernels import cpu_has_native_bf16, cpu_kernels
 from model.kv_cache import KVCacheSpec, PagedKVCache, cuda_kv_budget
 from model.loader import LoadedModel, load_model
-from model.runner import ModelRunner
+from model.runner import ModelRunner, cache_layout, resolve_backend
 from scheduler.block_manager import BlockManager
 from scheduler.engine import Engine, EngineConfig
 from scheduler.request import EngineRequest, SamplingParams
@@ -30,7 +31,7 @@ CPU_KV_CACHE_DEFAULT = 1 << 30
 @dataclass(frozen=True)
 class RuntimeOptions:
     model: Path
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16, else float32
     device: str = "auto"
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: 1 GiB on CPU, profiled on CUDA
@@ -98,9 +99,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    """``auto``: bfloat16 on CUDA, and on CPUs that multiply it natively (AVX512-BF16, AMX) where
+    the compiled kernels build; float32 on other CPUs (AVX2 only: bf16 there is emulated, ~100x slower)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() and cpu_kernels() is not None else torch.float32
 
 
 def build_runtime(options: RuntimeOptions) -> Runtime:
@@ -116,8 +121,9 @@ def build_runtime(options: RuntimeOptions) -> Runtime:
         budget = cuda_kv_budget(model, options.gpu_memory_utilization, options.max_num_batched_tokens)
     else:
         budget = CPU_KV_CACHE_DEFAULT
-    cache = PagedKVCache.from_budget(spec, budget, device)
-    runner = ModelRunner(model, cache, options.attention_backend)
+    backend = resolve_backend(options.attention_backend, device, model.dtype)
+    cache = PagedKVCache.from_budget(spec, budget, device, cache_layout(backend))
+    runner = ModelRunner(model, cache, backend, release_weights=True)
     blocks = BlockManager(
         cache.usable_block_ids, options.block_size, model.config.sliding_window, options.enable_prefix_caching
     )

@@ -9,7 +9,7 @@ import torch
 
 from model.kv_cache import KVCacheSpec, PagedKVCache
 from model.mistral import MistralModel
-from model.runner import ModelRunner
+from model.runner import ModelRunner, cache_layout, resolve_backend
 from scheduler.block_manager import BlockManager
 from scheduler.engine import Engine, EngineConfig, StepRecord
 from scheduler.output_stream import SyncOutputStream
@@ -53,12 +53,15 @@ def make_engine(
     max_num_seqs: int = 64,
     max_queued_requests: int = 1024,
     prefix_caching: bool = True,
+    backend: str = "auto",
 ) -> Engine:
+    """``auto``: the compiled CPU kernels where they build (what the server runs)."""
     spec = KVCacheSpec.for_model(model.config, model.dtype, block_size)
-    cache = PagedKVCache(spec, num_blocks, model.device)
+    backend = resolve_backend(backend, model.device, model.dtype)
+    cache = PagedKVCache(spec, num_blocks, model.device, cache_layout(backend))
     blocks = BlockManager(cache.usable_block_ids, block_size, model.config.sliding_window, prefix_caching)
     config = EngineConfig(SchedulerConfig(max_num_batched_tokens, max_num_seqs), max_queued_requests, seed=1234)
-    return Engine(ModelRunner(model, cache, "torch"), blocks, config)
+    return Engine(ModelRunner(model, cache, backend), blocks, config)
 
 
 def request(

@@ -14,7 +14,7 @@ import torch
 from model.batch import Batch, Chunk
 from model.kv_cache import KVCacheSpec, PagedKVCache
 from model.mistral import MistralModel
-from model.runner import AttentionFactory, ModelRunner
+from model.runner import AttentionFactory, ModelRunner, cache_layout, resolve_backend
 from scheduler.block_manager import BlockManager
 
 
@@ -48,7 +48,8 @@ class PagedDriver:
         on_step: Callable[[PagedDriver], None] | None = None,
     ) -> None:
         spec = KVCacheSpec.for_model(model.config, model.dtype, block_size)
-        self.cache = PagedKVCache(spec, num_blocks, model.device)
+        layout = "flat" if attention is not None else cache_layout(resolve_backend(backend, model.device, model.dtype))
+        self.cache = PagedKVCache(spec, num_blocks, model.device, layout)
         self.blocks = BlockManager(self.cache.usable_block_ids, block_size, model.config.sliding_window, prefix_caching)
         self.runner = ModelRunner(model, self.cache, backend, attention=attention)
         self.seqs: dict[str, Sequence] = {}
@@ -84,7 +85,7 @@ class PagedDriver:
             seq.computed += len(chunk.token_ids)
             self.blocks.commit(seq_id, seq.tokens, seq.computed)
             if chunk.num_logits:
-                seq.logits.append(logits[row])
+                seq.logits.append(logits[row].clone())  # the runner reuses its logits buffer
                 seq.tokens.append(int(logits[row].argmax()))
                 row += 1
                 if seq.finished:

@@ -1,5 +1,6 @@
 """The paged runner against Hugging Face transformers: packed batches, chunked prefill,
-interleaved decode, torch backend and xformers' masks (with xformers' reference attention)."""
+interleaved decode, the cpu backend's compiled kernels, the torch backend and xformers' masks
+(with xformers' reference attention)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from model.attention_torch import TorchPagedAttention
 from model.attention_xformers import XformersPagedAttention
+from model.batch import Batch, Chunk
+from model.kv_cache import KVCacheSpec, PagedKVCache
 from model.loader import load_model
 from model.mistral import MistralModel
-from model.runner import AttentionFactory
+from model.runner import AttentionFactory, ModelRunner
 from tests.hf_reference import PARITY_SPECS, TinySpec, build_hf_model, hf_greedy, hf_logits, save_hf_model
 from tests.paged_driver import PagedDriver
 from tests.xformers_reference import reference_kernel
@@ -37,10 +39,11 @@ def xformers_on_cpu() -> AttentionFactory:
     return partial(XformersPagedAttention, kernel=reference_kernel)
 
 
-ATTENTION: dict[str, Callable[[], AttentionFactory | None]] = {
-    "torch": lambda: None,  # decode tokens through the compiled kernel
-    "torch-sdpa-only": lambda: partial(TorchPagedAttention, use_kernel=False),
-    "xformers-masks": xformers_on_cpu,
+# backend name -> attention override (None: the backend's own)
+BACKENDS: dict[str, tuple[str, Callable[[], AttentionFactory | None]]] = {
+    "cpu-kernels": ("cpu", lambda: None),  # the compiled decoder: packed linears, paged attention kernel
+    "torch-sdpa": ("torch", lambda: None),
+    "xformers-masks": ("torch", xformers_on_cpu),
 }
 
 
@@ -59,10 +62,11 @@ def run_interleaved(driver: PagedDriver, seq_ids: list[str], seed: int) -> None:
         driver.step({s: rng.randint(1, 11) for s in chosen})
 
 
-@pytest.mark.parametrize("attention", list(ATTENTION))
-def test_paged_batches_match_hf(pair: tuple[TinySpec, Any, MistralModel], attention: str) -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_paged_batches_match_hf(pair: tuple[TinySpec, Any, MistralModel], backend: str) -> None:
     spec, hf, model = pair
-    driver = PagedDriver(model, num_blocks=64, block_size=BLOCK_SIZE, attention=ATTENTION[attention]())
+    name, attention = BACKENDS[backend]
+    driver = PagedDriver(model, num_blocks=64, block_size=BLOCK_SIZE, backend=name, attention=attention())
     ids = [f"s{i}" for i in range(len(PROMPT_LENGTHS))]
     for seq_id, prompt in zip(ids, prompts(spec.vocab), strict=True):
         driver.add(seq_id, prompt, NEW_TOKENS)
@@ -98,3 +102,45 @@ def test_sliding_window_holds_bounded_blocks(tmp_path: Path) -> None:
     assert len(held) == 2 * (4 * window) - 1  # every step checked
     assert max(held) == bound  # respected at every step, and reached
     assert driver.blocks.counters.window_released_blocks > 0
+
+
+BF16_TOLERANCE = 0.1  # logits of the tiny models reach |5|; the bf16 KV cache alone moves them by up to ~0.04
+
+
+@pytest.mark.parametrize("spec", PARITY_SPECS, ids=lambda s: s.name)
+def test_bf16_cpu_backend_matches_hf_on_bf16_weights(spec: TinySpec, tmp_path: Path) -> None:
+    """bf16 on the cpu backend: weights and KV cache in bf16, products and activations in fp32. The
+    reference is HF in fp32 running the same bf16-rounded weights, so what is left is the bf16 KV
+    cache. Teacher-forced on HF's greedy continuation (random tiny models have near-ties that any
+    rounding flips): the 5 prompts prefill together, then decode their forced tokens together, and
+    every position's logits stay within BF16_TOLERANCE."""
+    hf = build_hf_model(spec)
+    with torch.no_grad():
+        for parameter in hf.parameters():
+            parameter.copy_(parameter.bfloat16().float())
+    model = load_model(save_hf_model(hf, tmp_path / spec.name), torch.bfloat16).model
+    sequences = [p + hf_greedy(hf, p, NEW_TOKENS) for p in prompts(spec.vocab)]
+    per_seq = -(-(max(PROMPT_LENGTHS) + NEW_TOKENS) // BLOCK_SIZE)
+    spec_bf16 = KVCacheSpec.for_model(model.config, torch.bfloat16, BLOCK_SIZE)
+    cache = PagedKVCache(spec_bf16, 1 + len(sequences) * per_seq, model.device, "cpu")
+    runner = ModelRunner(model, cache, "cpu")
+    tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(sequences))]
+    first = runner.execute(
+        Batch([Chunk(s[:n], 0, t, num_logits=n) for s, n, t in zip(sequences, PROMPT_LENGTHS, tables, strict=True)])
+    )
+    got: list[list[torch.Tensor]] = []
+    row = 0
+    for n in PROMPT_LENGTHS:
+        got.append(list(first[row : row + n].clone()))
+        row += n
+    for step in range(NEW_TOKENS - 1):
+        logits = runner.execute(
+            Batch(
+                [Chunk([s[n + step]], n + step, t) for s, n, t in zip(sequences, PROMPT_LENGTHS, tables, strict=True)]
+            )
+        )
+        for i in range(len(sequences)):
+            got[i].append(logits[i].clone())
+    for sequence, rows in zip(sequences, got, strict=True):
+        reference = hf_logits(hf, sequence[:-1])
+        assert (torch.stack(rows) - reference).abs().max().item() < BF16_TOLERANCE

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from mistralserve.v1 import generation_pb2 as pb
 
 from scheduler.output_stream import SyncOutputStream
 from scheduler.request import SamplingParams
-from server.runtime import Runtime, RuntimeOptions, build_runtime
+from server.runtime import Runtime, RuntimeOptions, build_runtime, pick_dtype
 from tests.server_process import ServerProcess
 from tests.tiny_checkpoint import CHARACTERS
 
@@ -110,10 +111,12 @@ def test_tokenize_detokenize_and_model_info(server: ServerProcess) -> None:
     )
     assert not info.HasField("sliding_window")
     assert info.kv_block_size == 16 and info.kv_cache_blocks > 0 and info.kv_cache_tokens == 16 * info.kv_cache_blocks
-    assert (info.dtype, info.device, info.attention_backend, info.checkpoint_format) == (
-        "float32",
+    auto_dtype = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")  # bfloat16 where native
+    assert (info.dtype, info.kv_cache_dtype, info.device, info.attention_backend, info.checkpoint_format) == (
+        auto_dtype,
+        auto_dtype,
         "cpu",
-        "torch",
+        "cpu",
         "hf",
     )
     assert info.context_length == 512

@@ -58,9 +58,8 @@ def test_xformers_masks_equal_torch_masks_and_hf_rule(window: int | None) -> Non
     batch, cache = packed_batch(), make_cache()
     expected = expected_mask(batch, cache, window)
     cpu = torch.device("cpu")
-    for use_kernel in (True, False):
-        torch_mask = TorchPagedAttention(cache, batch, window, cpu, use_kernel=use_kernel).dense_mask(batch.num_tokens)
-        assert torch.equal(torch_mask, expected)
+    torch_mask = TorchPagedAttention(cache, batch, window, cpu).dense_mask(batch.num_tokens)
+    assert torch.equal(torch_mask, expected)
     xformers_mask = XformersPagedAttention(cache, batch, window, cpu).dense_mask()
     assert torch.equal(xformers_mask, expected)
 
@@ -78,15 +77,10 @@ def test_attention_through_xformers_reference_equals_torch_backend(window: int |
         cache.keys[0].copy_(history)
         cache.values[0].copy_(history.flip(0))
     cpu = torch.device("cpu")
-    expected = TorchPagedAttention(torch_cache, batch, window, cpu, use_kernel=False)(0, q, k, v)
+    expected = TorchPagedAttention(torch_cache, batch, window, cpu)(0, q, k, v)
     got = XformersPagedAttention(xformers_cache, batch, window, cpu, kernel=reference_kernel)(0, q, k, v)
     assert torch.equal(torch_cache.keys[0], xformers_cache.keys[0])
     assert (got - expected).abs().max().item() < 1e-5
-    kernel_cache = make_cache()
-    kernel_cache.keys[0].copy_(xformers_cache.keys[0])  # the history plus this batch's keys
-    kernel_cache.values[0].copy_(xformers_cache.values[0])
-    with_kernel = TorchPagedAttention(kernel_cache, batch, window, cpu, use_kernel=True)(0, q, k, v)
-    assert (with_kernel - expected).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("window", [1, 2, 5, 16])
