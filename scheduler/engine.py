@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -32,6 +32,7 @@ from scheduler.request import (
     QueueFullError,
     RequestOutput,
     RequestTimings,
+    SamplingParams,
     SequenceState,
     SequenceStatus,
 )
@@ -51,6 +52,22 @@ class EngineConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
 
 
+def validate_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """ValueError naming the field for a request no engine of this model could serve."""
+    if not prompt:
+        raise ValueError("prompt is empty: at least one token is needed")
+    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt_token_ids: {bad} is outside the vocabulary [0, {vocab_size})")
+    room = max_model_len - len(prompt)
+    if room < 1:
+        raise ValueError(f"prompt has {len(prompt)} tokens; the context allows at most {max_model_len - 1}")
+    if params.max_tokens is not None and params.max_tokens > room:
+        raise ValueError(
+            f"max_tokens must be <= {room} (the rest of the context after the prompt), got {params.max_tokens}"
+        )
+
+
 @dataclass(frozen=True)
 class StepRecord:
     index: int
@@ -59,6 +76,7 @@ class StepRecord:
     num_tokens: int
     duration: float  # seconds, the whole step
     forward: float  # seconds inside the model runner
+    admitted: tuple[str, ...] = ()  # requests scheduled for the first time (they left the waiting queue)
 
 
 @dataclass(frozen=True)
@@ -134,25 +152,18 @@ class Engine:
             self._thread.join(timeout)
 
     @property
+    def has_work(self) -> bool:
+        """Something to step: requests in the scheduler, or adds and aborts not taken in yet."""
+        with self._cond:
+            return self.scheduler.has_work or bool(self._inbox)
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._fatal is None
 
     def validate(self, request: EngineRequest) -> None:
         """ValueError naming the field for a request the engine could never serve."""
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise ValueError("prompt is empty: at least one token is needed")
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.vocab_size})")
-        room = self.max_model_len - len(prompt)
-        if room < 1:
-            raise ValueError(f"prompt has {len(prompt)} tokens; the context allows at most {self.max_model_len - 1}")
-        max_tokens = request.params.max_tokens
-        if max_tokens is not None and max_tokens > room:
-            raise ValueError(
-                f"max_tokens must be <= {room} (the rest of the context after the prompt), got {max_tokens}"
-            )
+        validate_request(request.prompt_token_ids, request.params, self.vocab_size, self.max_model_len)
 
     def submit(self, request: EngineRequest, sink: OutputSink) -> None:
         self.validate(request)
@@ -163,7 +174,8 @@ class Engine:
                 self.counters.rejected_queue_full += 1
                 raise QueueFullError(f"the waiting queue is full ({self.config.max_queued_requests} requests)")
             self._queued += 1
-            self._inbox.append(("add", replace(request, arrival_time=self.clock()), sink))
+            arrival = request.arrival_time or self.clock()  # a front-end process may have stamped it
+            self._inbox.append(("add", replace(request, arrival_time=arrival), sink))
             self._cond.notify_all()
 
     def add(self, request: EngineRequest) -> AsyncOutputStream:
@@ -268,6 +280,7 @@ class Engine:
             sum(item.num_tokens for item in out.scheduled),
             self.clock() - start,
             forward,
+            tuple(seq.request.request_id for seq in out.admitted),
         )
         self.recent_steps.append(record)  # before any receiver can see this step's outputs
         if failure is not None:

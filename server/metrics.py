@@ -10,9 +10,10 @@ and every second. What the warm-up generation did is subtracted (``baseline``).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -27,8 +28,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from scheduler.engine import Engine, EngineStats
-from scheduler.request import FinishReason
+from scheduler.engine import EngineStats, StepRecord
+from scheduler.request import FinishedRequest, FinishReason
 
 PREFIX = "mistralserve_"
 # vLLM's bucket boundaries
@@ -54,6 +55,15 @@ def one_two_five_buckets(limit: int) -> tuple[int, ...]:
                 return tuple(buckets)
             buckets.append(value)
         exponent += 1
+
+
+class EngineView(Protocol):
+    """What the metrics read of an engine (the in-process ``Engine`` or the core's ``EngineClient``)."""
+
+    finished_requests: deque[FinishedRequest]
+    recent_steps: deque[StepRecord]
+
+    def stats(self) -> EngineStats: ...
 
 
 @dataclass(frozen=True)
@@ -136,7 +146,7 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     def __init__(self, model_name: str, max_model_len: int) -> None:
         self.model_name = model_name
-        self.engine: Engine | None = None
+        self.engine: EngineView | None = None
         self.baseline: _Baseline | None = None
         self._lock = threading.Lock()
         self.registry = CollectorRegistry()
@@ -174,7 +184,7 @@ class ServerMetrics:
             self.rejections.labels(model_name, reason)
         self.info = Info(PREFIX + "model", "The served model and how it runs.", registry=r)
 
-    def attach(self, engine: Engine, info: dict[str, str]) -> None:
+    def attach(self, engine: EngineView, info: dict[str, str]) -> None:
         """Start counting from now: earlier records (the warm-up) are dropped, counters offset."""
         engine.finished_requests.clear()
         engine.recent_steps.clear()

@@ -1,13 +1,14 @@
 """``mistral-serve serve``: the grpc.aio server, health, reflection, warm-up, graceful drain.
 
-Order of a life: the port opens with health NOT_SERVING; the model loads (off the event
-loop); the engine thread starts; a short warm-up generation runs (it also compiles the
-CPU attention kernel); health turns SERVING. On SIGTERM or SIGINT: health NOT_SERVING, new
-calls get UNAVAILABLE, calls in flight get ``--shutdown-grace`` seconds to finish, then
-the server stops and the process exits 0. A dead engine thread turns health NOT_SERVING.
+Order of a life: the port opens with health NOT_SERVING; the engine core process starts and
+loads the model (and builds the CPU kernels on a machine's first start); a short warm-up
+generation runs; health turns SERVING. On SIGTERM or SIGINT: health NOT_SERVING, new calls get
+UNAVAILABLE, calls in flight get ``--shutdown-grace`` seconds to finish, then the server and the
+engine core stop and the process exits 0. If the engine core process dies, health turns
+NOT_SERVING at once (readiness and liveness) and the calls in flight end UNAVAILABLE.
 
 Health service names: "" and the generation service follow the life above (readiness);
-"liveness" is SERVING until the engine thread dies. ``--health-port`` adds a plaintext
+"liveness" is SERVING until the engine core dies. ``--health-port`` adds a plaintext
 port with only the health service, for probes that cannot do TLS or send a token.
 """
 
@@ -27,9 +28,12 @@ from mistralserve.v1 import generation_pb2 as pb
 
 from scheduler.request import SamplingParams
 from server.auth import BearerTokenInterceptor
+from server.engine_client import EngineClient
+from server.engine_protocol import RequestSpec
 from server.metrics import ServerMetrics
-from server.runtime import Runtime, build_runtime, runtime_options
-from server.servicer import SERVICE, GenerationServicer, ServerState
+from server.runtime import runtime_options
+from server.servicer import SERVICE, GenerationServicer, ServerState, Serving
+from server.tokenizer_loader import load_tokenizer
 
 log = structlog.get_logger(__name__)
 LIVENESS = "liveness"  # health service name for liveness probes
@@ -70,22 +74,22 @@ def read(path: Path) -> bytes:
         raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
 
 
-def model_info_labels(runtime: Runtime) -> dict[str, str]:
+def model_info_labels(engine: EngineClient) -> dict[str, str]:
     from importlib.metadata import version
 
     return {
-        "dtype": runtime.dtype_name,
-        "device": runtime.device_name,
-        "attention_backend": runtime.engine.runner.backend,
-        "block_size": str(runtime.cache.spec.block_size),
+        "dtype": engine.info.dtype,
+        "device": engine.info.device,
+        "attention_backend": engine.info.attention_backend,
+        "block_size": str(engine.info.block_size),
         "version": version("mistral-serve"),
     }
 
 
-async def warm_up(runtime: Runtime) -> None:
-    prompt = runtime.tokenizer.encode("Hello") or [0]
-    request = runtime.request("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-    async for _ in runtime.engine.add(request):
+async def warm_up(serving: Serving) -> None:
+    prompt = tuple(serving.tokenizer.encode("Hello") or [0])
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    async for _ in serving.engine.add(RequestSpec("warmup", prompt, params)):
         pass
 
 
@@ -140,23 +144,31 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    runtime = await asyncio.to_thread(build_runtime, runtime_options(args, model_path))
-    runtime.engine.start()
+    try:
+        tokenizer = await asyncio.to_thread(load_tokenizer, model_path)
+        engine = await EngineClient.start(runtime_options(args, model_path), args.log_level, args.log_format)
+    except BaseException:  # a bad checkpoint or option: close the ports, then report it
+        await server.stop(grace=None)
+        if health_server is not None:
+            await health_server.stop(grace=None)
+        raise
+    serving = Serving(engine, tokenizer)
     if args.warmup:
-        await warm_up(runtime)
-    state.model_name = args.served_model_name or runtime.loaded.name
-    metrics = ServerMetrics(state.model_name, runtime.engine.max_model_len)
-    metrics.attach(runtime.engine, model_info_labels(runtime))
+        await warm_up(serving)
+    state.model_name = args.served_model_name or engine.info.name
+    metrics = ServerMetrics(state.model_name, engine.max_model_len)
+    metrics.attach(engine, model_info_labels(engine))
     metrics_port = metrics.serve(args.host, args.metrics_port)
     state.metrics = metrics
-    state.runtime = runtime
+    state.serving = serving
     await set_health(health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving",
         model=state.model_name,
         port=port,
         metrics_port=metrics_port,
-        context_length=runtime.engine.max_model_len,
+        context_length=engine.max_model_len,
+        engine_core_pid=engine.process.pid,
     )
 
     async def drain_metrics() -> None:
@@ -167,13 +179,11 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
     drainer = asyncio.create_task(drain_metrics())
 
     async def watch_engine() -> None:
-        while not stop.is_set():
-            if not runtime.engine.alive:
-                log.error("engine thread died: reporting NOT_SERVING")
-                await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-                await health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
-                return
-            await asyncio.sleep(0.5)
+        await engine.dead.wait()  # set the moment the core's end of the socket closes
+        if not stop.is_set():
+            log.error("engine core stopped: reporting NOT_SERVING")
+            await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     watchdog = asyncio.create_task(watch_engine())
     await stop.wait()
@@ -191,7 +201,7 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
         await health_server.stop(grace=None)
     watchdog.cancel()
     drainer.cancel()
-    runtime.engine.shutdown(timeout=10)
+    await engine.close(timeout=10)
     log.info("stopped")
     return 0
 

@@ -1,7 +1,7 @@
 """The GenerationService: validate, hand the engine the request, stream what comes back.
 
 Bad input -> INVALID_ARGUMENT naming the field; a full queue -> RESOURCE_EXHAUSTED; model
-still loading, engine dead or server draining -> UNAVAILABLE. When the client cancels,
+still loading, engine core dead (also mid-stream) or server draining -> UNAVAILABLE. When the client cancels,
 disconnects or runs out of deadline, the handler is cancelled and the request aborted, so
 its blocks are freed at the engine's next step.
 """
@@ -19,8 +19,10 @@ import structlog
 from mistralserve.v1 import generation_pb2 as pb
 
 from scheduler.request import EngineDeadError, FinishReason, QueueFullError, RequestOutput, TokenLogprobs
+from server.engine_client import EngineClient
+from server.engine_protocol import RequestSpec
 from server.metrics import ServerMetrics
-from server.runtime import Runtime
+from server.tokenizer import Tokenizer
 from server.validation import InvalidRequest, Parsed, Prepared, deserializer, prepare
 
 log = structlog.get_logger(__name__)
@@ -35,11 +37,19 @@ FINISH = {
 }
 
 
+@dataclass(frozen=True)
+class Serving:
+    """The engine core's client and the tokenizer: what answers calls once the model is loaded."""
+
+    engine: EngineClient
+    tokenizer: Tokenizer
+
+
 @dataclass
 class ServerState:
     """What the servicer needs to know of the process: loaded yet, draining, calls in flight."""
 
-    runtime: Runtime | None = None
+    serving: Serving | None = None
     metrics: ServerMetrics | None = None
     model_name: str = ""
     log_prompts: bool = False
@@ -123,22 +133,22 @@ class GenerationServicer:
         log.info("request rejected", reason=reason, error=message, peer=context.peer())
         await abort(context, code, message)
 
-    async def _runtime(self, context: Context) -> Runtime:
+    async def _runtime(self, context: Context) -> Serving:
         unavailable = grpc.StatusCode.UNAVAILABLE
         if self.state.draining:
             await self._reject(context, unavailable, "unavailable", "the server is shutting down")
-        runtime = self.state.runtime
-        if runtime is None:
+        serving = self.state.serving
+        if serving is None:
             await self._reject(context, unavailable, "unavailable", "the model is still loading")
-        if not runtime.engine.alive:
+        if not serving.engine.alive:
             await self._reject(context, unavailable, "unavailable", "the engine is not running")
-        return runtime
+        return serving
 
-    async def _prepare(self, parsed: Parsed, context: Context) -> tuple[Runtime, Prepared]:
+    async def _prepare(self, parsed: Parsed, context: Context) -> tuple[Serving, Prepared]:
         runtime = await self._runtime(context)
         try:
             prepared = prepare(
-                parsed, runtime.tokenizer, runtime.loaded.config.vocab_size, runtime.engine.max_model_len
+                parsed, runtime.tokenizer, runtime.engine.info.config.vocab_size, runtime.engine.max_model_len
             )
         except InvalidRequest as exc:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", str(exc))
@@ -154,10 +164,10 @@ class GenerationServicer:
         )
         return runtime, prepared
 
-    async def _submit(self, runtime: Runtime, prepared: Prepared, context: Context) -> AsyncIterator[RequestOutput]:
-        request = runtime.request(prepared.request_id, prepared.prompt_ids, prepared.params, prepared.priority)
+    async def _submit(self, runtime: Serving, prepared: Prepared, context: Context) -> AsyncIterator[RequestOutput]:
+        spec = RequestSpec(prepared.request_id, tuple(prepared.prompt_ids), prepared.params, prepared.priority)
         try:
-            return runtime.engine.add(request)
+            return runtime.engine.add(spec)
         except QueueFullError as exc:
             await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full", str(exc))
         except EngineDeadError as exc:
@@ -192,6 +202,8 @@ class GenerationServicer:
                         if output.finish_reason == FinishReason.ERROR:
                             log.error("generation failed", error=output.error)
                             await abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {output.error}")
+            except EngineDeadError as exc:
+                await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
             finally:
                 if finished < prepared.params.n:  # cancelled, deadline, disconnect: free the blocks
                     runtime.engine.abort(prepared.request_id)
@@ -203,7 +215,7 @@ class GenerationServicer:
         with structlog.contextvars.bound_contextvars(request_id=prepared.request_id):
             return await self._generate(runtime, prepared, context)
 
-    async def _generate(self, runtime: Runtime, prepared: Prepared, context: Context) -> pb.GenerateResponse:
+    async def _generate(self, runtime: Serving, prepared: Prepared, context: Context) -> pb.GenerateResponse:
         record = RequestLog(len(prepared.prompt_ids), context.peer())
         self._enter()
         completions = {i: pb.Completion(index=i) for i in range(prepared.params.n)}
@@ -227,6 +239,8 @@ class GenerationServicer:
                         usage.prompt_tokens = output.usage.prompt_tokens
                         usage.cached_tokens = output.usage.cached_tokens
                         usage.completion_tokens += output.usage.completion_tokens
+        except EngineDeadError as exc:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             if finished < prepared.params.n:
                 runtime.engine.abort(prepared.request_id)
@@ -236,7 +250,7 @@ class GenerationServicer:
             request_id=prepared.request_id, completions=[completions[i] for i in sorted(completions)], usage=usage
         )
 
-    def _stream_response(self, runtime: Runtime, output: RequestOutput) -> pb.GenerateStreamResponse:
+    def _stream_response(self, runtime: Serving, output: RequestOutput) -> pb.GenerateStreamResponse:
         response = pb.GenerateStreamResponse(
             request_id=output.request_id,
             index=output.index,
@@ -266,7 +280,7 @@ class GenerationServicer:
             message.stop_token_id = output.stop_reason
 
     @staticmethod
-    def _logprobs(runtime: Runtime, entry: TokenLogprobs) -> pb.PositionLogprobs:
+    def _logprobs(runtime: Serving, entry: TokenLogprobs) -> pb.PositionLogprobs:
         def one(token_id: int, logprob: float, rank: int) -> pb.TokenLogprob:
             text = runtime.tokenizer.decode([token_id], skip_special_tokens=False)
             return pb.TokenLogprob(token_id=token_id, token=text, logprob=logprob, rank=rank)
@@ -305,7 +319,7 @@ class GenerationServicer:
         if parsed.error is not None:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, parsed.error)
         ids = list(parsed.message.token_ids)
-        vocab = runtime.loaded.config.vocab_size
+        vocab = runtime.engine.info.config.vocab_size
         bad = next((i for i in ids if i >= vocab), None)
         if bad is not None:
             await abort(
@@ -318,26 +332,26 @@ class GenerationServicer:
         runtime = await self._runtime(context)
         if parsed.error is not None:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, parsed.error)
-        config = runtime.loaded.config
-        cache = runtime.cache
+        model = runtime.engine.info
+        config = model.config
         info = pb.GetModelInfoResponse(
             model_name=self.state.model_name,
             architecture=config.architecture,
-            context_length=runtime.engine.max_model_len,
+            context_length=model.max_model_len,
             vocab_size=config.vocab_size,
             num_attention_heads=config.num_heads,
             num_key_value_heads=config.num_kv_heads,
             head_dim=config.head_dim,
             num_layers=config.num_layers,
-            kv_block_size=cache.spec.block_size,
-            kv_cache_blocks=runtime.blocks.num_blocks,
-            kv_cache_tokens=runtime.blocks.num_blocks * cache.spec.block_size,
-            kv_cache_free_blocks=runtime.blocks.num_free_blocks,
-            dtype=runtime.dtype_name,
-            kv_cache_dtype=runtime.kv_dtype_name,
-            device=runtime.device_name,
-            attention_backend=runtime.engine.runner.backend,
-            checkpoint_format=runtime.loaded.format,
+            kv_block_size=model.block_size,
+            kv_cache_blocks=model.num_blocks,
+            kv_cache_tokens=model.num_blocks * model.block_size,
+            kv_cache_free_blocks=runtime.engine.stats().kv_blocks_free,
+            dtype=model.dtype,
+            kv_cache_dtype=model.kv_cache_dtype,
+            device=model.device,
+            attention_backend=model.attention_backend,
+            checkpoint_format=model.checkpoint_format,
         )
         if config.sliding_window is not None:
             info.sliding_window = config.sliding_window

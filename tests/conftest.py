@@ -40,3 +40,15 @@ def server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
         yield process
     finally:
         process.close()
+
+
+@pytest.fixture(scope="session")
+def long_server(long_tiny_checkpoint: Path) -> Iterator[ServerProcess]:
+    """A server on the 8,192-token tiny model: streams of thousands of tokens that take seconds
+    however fast the machine, for tests that must interrupt a generation."""
+    process = ServerProcess(long_tiny_checkpoint)
+    try:
+        process.wait_serving()
+        yield process
+    finally:
+        process.close()
