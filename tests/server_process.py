@@ -32,7 +32,12 @@ class ServerProcess:
         self.process = subprocess.Popen(
             command, stdout=self.stderr_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, text=True
         )
-        self.port, self.health_port = self._wait_for_port()
+        try:
+            self.port, self.health_port = self._wait_for_port()
+        except BaseException:  # never leave a server behind
+            self.process.kill()
+            self.process.wait()
+            raise
         self.target = f"127.0.0.1:{self.port}"
 
     def log_lines(self) -> list[dict[str, Any]]:
