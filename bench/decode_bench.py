@@ -1,6 +1,7 @@
 """Decode-step time of the paged runner vs Hugging Face transformers with its own KV cache.
 
-Same weights (the default model, fp32), same shapes: ``batch`` sequences with a
+Same weights (the default model, fp32; the paged runner on its default backend, the compiled
+CPU kernels), same shapes: ``batch`` sequences with a
 ``context``-token prompt each, then one new token per sequence per step. Steps of the
 two alternate, so both see the same machine load; the result is the ratio of medians,
 HF time / our time.
@@ -25,7 +26,7 @@ from model.default_model import default_cache_dir, ensure_default_model
 from model.kv_cache import KVCacheSpec, PagedKVCache
 from model.loader import load_model
 from model.mistral import MistralModel
-from model.runner import ModelRunner
+from model.runner import ModelRunner, cache_layout, resolve_backend
 
 BLOCK = 16
 
@@ -34,8 +35,9 @@ def paged_decoder(model: MistralModel, batch: int, context: int, steps: int) -> 
     """Prefill ``batch`` sequences (not timed); return one decode step of all of them."""
     per_seq = -(-(context + steps + 4) // BLOCK)
     spec = KVCacheSpec.for_model(model.config, model.dtype, BLOCK)
-    cache = PagedKVCache(spec, batch * per_seq + 1, model.device)
-    runner = ModelRunner(model, cache, "torch")
+    backend = resolve_backend("auto", model.device, model.dtype)
+    cache = PagedKVCache(spec, batch * per_seq + 1, model.device, cache_layout(backend))
+    runner = ModelRunner(model, cache, backend)
     tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
     prompt = list(range(1000, 1000 + context))
     for table in tables:

@@ -1,7 +1,7 @@
 """Workload W through the engine vs Hugging Face transformers ``generate``, same run.
 
 W: 64 requests, each 128 prompt tokens and exactly 128 generated tokens (greedy, EOS
-ignored), on the default model (fp32), 2 threads. Reported:
+ignored), on the default model (the engine in its default dtype, transformers in fp32), 2 threads. Reported:
 
   (a) the engine's output tokens per second over the whole workload;
   (b) transformers ``generate`` one request at a time;
@@ -94,8 +94,9 @@ def main() -> None:
     workload = prompts(runtime.loaded.config.vocab_size)
     engine_tps, records = engine_run(runtime, workload)
     from bench.hf_twin import hf_twin
+    from model.loader import load_model
 
-    hf = hf_twin(runtime.loaded.model)
+    hf = hf_twin(load_model(path).model)  # the runtime's own weights were packed and released
     single_tps = hf_rate(hf, workload, 1, args.hf_single)
     batched_tps = hf_rate(hf, workload, 16, args.hf_batches)
 
@@ -106,7 +107,8 @@ def main() -> None:
         (f"(b) transformers generate, one request at a time ({args.hf_single} measured)", single_tps),
         (f"(c) transformers generate, static batches of 16 ({args.hf_batches} measured)", batched_tps),
     ]
-    print(f"W = {REQUESTS} x {PROMPT} prompt x {OUTPUT} generated tokens, default model, fp32, {args.threads} threads")
+    print(f"W = {REQUESTS} x {PROMPT} prompt x {OUTPUT} generated tokens, default model, engine {runtime.dtype_name} "
+          f"({runtime.engine.runner.backend} backend), transformers float32, {args.threads} threads")  # fmt: skip
     print("| system | output tokens/s | engine / it |")
     print("| --- | ---: | ---: |")
     for name, rate in rows:

@@ -92,6 +92,7 @@ def main() -> None:
     runtime = build_runtime(options)
     workload = prompts(runtime.loaded.config.vocab_size)
     in_process, _ = engine_run(runtime, workload)
+    dtype = runtime.dtype_name
     del runtime
 
     server = ServerProcess(
@@ -106,7 +107,7 @@ def main() -> None:
     finally:
         server.close()
 
-    print(f"W over gRPC on loopback, default model, fp32, {args.threads} threads")
+    print(f"W over gRPC on loopback, default model, {dtype}, {args.threads} threads")
     print(f"in-process engine on the same 64 requests: {in_process:.1f} output tokens/s")
     print("| streams | requests | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | status codes |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")

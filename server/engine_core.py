@@ -21,7 +21,7 @@ import structlog
 
 from model.config import CheckpointError
 from scheduler.engine import Engine
-from scheduler.request import RequestOutput
+from scheduler.request import FinishReason, RequestOutput
 from server.engine_protocol import (
     HEADER,
     Abort,
@@ -105,15 +105,21 @@ class EngineCore:
             if message is None or isinstance(message, Shutdown):
                 return False
             if isinstance(message, RequestSpec):
-                request = self.runtime.request(
-                    message.request_id, message.prompt_token_ids, message.params, message.priority
-                )
-                request.arrival_time = message.arrival_time
-                self.engine.submit(request, self.sink)
+                self._submit(message)
             elif isinstance(message, Abort):
                 self.engine.abort(message.request_id)
             timeout = 0.0
         return True
+
+    def _submit(self, spec: RequestSpec) -> None:
+        request = self.runtime.request(spec.request_id, spec.prompt_token_ids, spec.params, spec.priority)
+        request.arrival_time = spec.arrival_time
+        try:
+            self.engine.submit(request, self.sink)
+        except ValueError as exc:  # the front-end checks the same rules first; never lose the request silently
+            for index in range(spec.params.n):
+                self.sink.put(RequestOutput(spec.request_id, index, (), "", finish_reason=FinishReason.ERROR,
+                                            error=str(exc)))  # fmt: skip
 
     def _send_update(self) -> None:
         engine = self.engine
