@@ -19,7 +19,7 @@ import yaml
 from kubernetes_validate.utils import all_versions, major_minor
 
 from server.cli import build_parser
-from server.options import env_names
+from server.options import RUNTIME_FLAGS, SERVER_FLAGS, env_names
 from tests.helm_chart import (
     CHART,
     NAMESPACE,
@@ -137,6 +137,17 @@ def test_every_default_value_is_described_by_the_schema() -> None:
                 walk(value, child, f"{path}{key}.")
 
     walk(yaml.safe_load((CHART / "values.yaml").read_text()), schema(), "")
+
+
+def test_every_server_choice_in_the_schema_is_the_flags_own() -> None:
+    flags = {flag.dest: flag for flag in (*RUNTIME_FLAGS, *SERVER_FLAGS)}
+    checked = []
+    for key, node in schema()["properties"]["server"]["properties"].items():
+        if "enum" in node:
+            flag = flags[re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()]
+            assert flag.choices is not None and list(node["enum"]) == list(flag.choices), key
+            checked.append(key)
+    assert {"dtype", "attentionBackend", "kvCacheDtype", "logLevel", "logFormat", "device"} <= set(checked)
 
 
 def test_every_values_key_is_commented() -> None:
