@@ -2,7 +2,8 @@
 
 Weights are packed once, here, for the kernels (fp32 or bf16, as the model holds them), and
 with ``release_weights`` the model's own copies are freed as each is packed, so memory holds
-one copy. Activations and the residual stream are fp32; the KV cache has the cache's dtype.
+one copy; weights kept quantized come packed from the loader (``model.quantized``).
+Activations and the residual stream are fp32; the KV cache has the cache's dtype.
 Per layer, with every intermediate in a buffer kept from step to step::
 
     h = rmsnorm(x);  qkv = h Wqkv^T;  rotate q, k and write k, v to their cache slots
@@ -148,7 +149,10 @@ class CpuDecoder:
         bf16 = model.dtype == torch.bfloat16
         compute = pick_bf16_compute(kernels) if bf16 else 0
 
-        def pack(parameter: nn.Parameter, gated: bool = False) -> Any:
+        def pack(target: str, gated: bool = False) -> Any:
+            if target in model.quantized:  # packed by the loader
+                return model.quantized[target]
+            parameter = model.get_parameter(target)
             packed = kernels.PackedLinear(parameter.detach(), gated, bf16, compute)
             if release_weights:
                 parameter.data = torch.empty(0, dtype=parameter.dtype)
@@ -161,22 +165,26 @@ class CpuDecoder:
         self.layers = [
             _Layer(
                 input_norm=norm(layer.input_layernorm.weight),
-                qkv=pack(layer.self_attn.qkv_proj),
-                o=pack(layer.self_attn.o_proj),
+                qkv=pack(f"layers.{i}.self_attn.qkv_proj"),
+                o=pack(f"layers.{i}.self_attn.o_proj"),
                 post_norm=norm(layer.post_attention_layernorm.weight),
-                gate_up=pack(layer.mlp.gate_up_proj, gated=True),
-                down=pack(layer.mlp.down_proj),
+                gate_up=pack(f"layers.{i}.mlp.gate_up_proj", gated=True),
+                down=pack(f"layers.{i}.mlp.down_proj"),
             )
-            for layer in decoder_layers
+            for i, layer in enumerate(decoder_layers)
         ]
         self.final_norm = norm(model.norm.weight)
         self.embedding: torch.Tensor | None = None
+        self.embedding_rows: Any = None  # a packed (quantized) embedding table, rows gathered from it
         if cfg.tie_word_embeddings:
-            self.head = pack(model.embed_tokens)  # embedding rows are gathered from the packed head
+            self.head = pack("embed_tokens")  # embedding rows are gathered from the packed head
+            self.embedding_rows = self.head
         else:
-            assert model.lm_head is not None
-            self.head = pack(model.lm_head)
-            self.embedding = model.embed_tokens.detach()
+            self.head = pack("lm_head")
+            if "embed_tokens" in model.quantized:
+                self.embedding_rows = model.quantized["embed_tokens"]
+            else:
+                self.embedding = model.embed_tokens.detach()
         half = cfg.head_dim // 2
         self.cos = model.rotary.cos[:, :half].float().contiguous()
         self.sin = model.rotary.sin[:, :half].float().contiguous()
@@ -186,6 +194,8 @@ class CpuDecoder:
                                 cfg.vocab_size)  # fmt: skip
         self.weight_bytes = sum(p.nbytes for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up,
                                 layer.down)) + self.head.nbytes  # fmt: skip
+        if self.embedding_rows is not None and self.embedding_rows is not self.head:
+            self.weight_bytes += self.embedding_rows.nbytes
 
     def execute(self, batch: Batch) -> torch.Tensor:
         """Logits (rows that need them, vocab) fp32; a view of a buffer valid until the next call."""
@@ -194,7 +204,7 @@ class CpuDecoder:
         b = self.buffers.take(len(meta.token_ids), len(meta.logit_rows))
         x = b["x"]
         if self.embedding is None:
-            self.head.gather_rows(meta.token_ids, x)
+            self.embedding_rows.gather_rows(meta.token_ids, x)
         else:
             x.copy_(self.embedding.index_select(0, meta.token_ids))
         for i, layer in enumerate(self.layers):

@@ -7,6 +7,7 @@ Weights use fused projections (``qkv_proj`` = rows of q, k, v; ``gate_up_proj`` 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,11 @@ _TOP_TARGETS = {
 class MistralModel(nn.Module):
     """Token ids and positions in, hidden states out; ``compute_logits`` for the rows that need them."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, device: torch.device, quantized: frozenset[str] = frozenset()
+    ) -> None:
+        """``quantized``: linear weights (``weight_target`` names) the loader keeps quantized; their
+        parameters stay empty and ``self.quantized`` receives the packed kernels' objects."""
         super().__init__()
         self.config = config
         self.embed_tokens = empty_weight(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
@@ -90,6 +95,10 @@ class MistralModel(nn.Module):
             else empty_weight(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         )
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings, device)
+        self.quantized: dict[str, Any] = {}  # target -> model.kernels QuantLinear, filled by the loader
+        for target in quantized:
+            parameter = self.get_parameter(target)
+            parameter.data = torch.empty((0, parameter.shape[1]), dtype=dtype, device=device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -122,25 +131,65 @@ class MistralModel(nn.Module):
             names.update(f"model.layers.{i}.{suffix}" for suffix in _LAYER_TARGETS)
         return names
 
+    def expected_shape(self, name: str) -> tuple[int, ...]:
+        """The shape checkpoint tensor ``name`` must have (also for parameters kept quantized)."""
+        target, shard = weight_target(self.config, name)
+        if not is_linear(target):
+            return tuple(self.get_parameter(target).shape)
+        rows, cols = self.parameter_shape(target)
+        return (rows if shard is None else self._shard_sizes(target)[shard], cols)
+
+    def parameter_shape(self, target: str) -> tuple[int, int]:
+        """(rows, inputs) of a linear parameter, fused ones whole (also when kept quantized)."""
+        cfg = self.config
+        if target.endswith("qkv_proj"):
+            return (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size)
+        if target.endswith("gate_up_proj"):
+            return (2 * cfg.intermediate_size, cfg.hidden_size)
+        if target.endswith("down_proj"):
+            return (cfg.hidden_size, cfg.intermediate_size)
+        if target.endswith("o_proj"):
+            return (cfg.hidden_size, cfg.q_size)
+        return (cfg.vocab_size, cfg.hidden_size)  # embed_tokens, lm_head
+
+    def shard_offset(self, name: str) -> int:
+        """The first row checkpoint tensor ``name`` fills in its (fused) parameter."""
+        target, shard = weight_target(self.config, name)
+        return sum(self._shard_sizes(target)[: shard or 0])
+
+    def _shard_sizes(self, target: str) -> list[int]:
+        cfg = self.config
+        return [cfg.q_size, cfg.kv_size, cfg.kv_size] if target.endswith("qkv_proj") else [cfg.intermediate_size] * 2
+
     def weight_destination(self, name: str) -> torch.Tensor:
         """The parameter, or rows of a fused parameter, that checkpoint tensor ``name`` fills."""
-        target, shard = self._target(name)
+        target, shard = weight_target(self.config, name)
         parameter = self.get_parameter(target)
         if shard is None:
             return parameter
-        cfg = self.config
-        fused_qkv = target.endswith("qkv_proj")
-        sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size] if fused_qkv else [cfg.intermediate_size] * 2
+        sizes = self._shard_sizes(target)
         offset = sum(sizes[:shard])
         return parameter[offset : offset + sizes[shard]]
 
-    def _target(self, name: str) -> tuple[str, int | None]:
-        if name in _TOP_TARGETS:
-            if name == "lm_head.weight" and self.lm_head is None:
-                raise ValueError("checkpoint has lm_head.weight but the config ties the embeddings")
-            return _TOP_TARGETS[name], None
-        match = _LAYER_WEIGHT.fullmatch(name)
-        if match and match.group(2) in _LAYER_TARGETS and int(match.group(1)) < self.config.num_layers:
-            target, shard = _LAYER_TARGETS[match.group(2)]
-            return f"layers.{match.group(1)}.{target}", shard
-        raise ValueError(f"unexpected tensor {name!r} for a {self.config.architecture} model")
+
+def weight_target(config: ModelConfig, name: str) -> tuple[str, int | None]:
+    """Checkpoint tensor ``name`` (Hugging Face) -> (our parameter, shard index in a fused one or None)."""
+    if name in _TOP_TARGETS:
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            raise ValueError("checkpoint has lm_head.weight but the config ties the embeddings")
+        return _TOP_TARGETS[name], None
+    match = _LAYER_WEIGHT.fullmatch(name)
+    if match and match.group(2) in _LAYER_TARGETS and int(match.group(1)) < config.num_layers:
+        target, shard = _LAYER_TARGETS[match.group(2)]
+        return f"layers.{match.group(1)}.{target}", shard
+    raise ValueError(f"unexpected tensor {name!r} for a {config.architecture} model")
+
+
+def is_linear(target: str) -> bool:
+    """A matrix that multiplies activations (or the embedding table): what can stay quantized."""
+    return not target.endswith(".weight")
+
+
+def fused_shards(target: str) -> int:
+    """How many checkpoint tensors a parameter is stacked from (q, k, v; gate, up; else 1)."""
+    return 3 if target.endswith("qkv_proj") else 2 if target.endswith("gate_up_proj") else 1

@@ -77,6 +77,11 @@ class ModelRunner:
             raise ValueError(
                 f"backend {self.backend!r} needs a {cache_layout(self.backend)!r} KV cache, got {cache.layout!r}"
             )
+        if model.quantized and self.backend != "cpu":
+            raise ValueError(
+                f"quantized weights run on the cpu backend, not {self.backend!r}; load with quantization 'none' "
+                "to dequantize them"
+            )
         self.decoder: CpuDecoder | None = None
         if self.backend == "cpu":
             kernels = cpu_kernels()

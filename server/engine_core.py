@@ -74,6 +74,7 @@ def model_info(runtime: Runtime) -> ModelInfo:
         checkpoint_format=runtime.loaded.format,
         config=runtime.loaded.config,
         dtype=runtime.dtype_name,
+        weight_types=runtime.weight_types,
         kv_cache_dtype=runtime.kv_dtype_name,
         device=runtime.device_name,
         attention_backend=runtime.engine.runner.backend,

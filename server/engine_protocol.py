@@ -47,6 +47,7 @@ class ModelInfo:
     checkpoint_format: str
     config: ModelConfig
     dtype: str
+    weight_types: str
     kv_cache_dtype: str
     device: str
     attention_backend: str

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from model.kv_cache import parse_bytes
+from model.quant import QUANTIZATIONS
 from model.runner import BACKENDS
 
 ENV_PREFIX = "MISTRALSERVE_"
@@ -133,6 +134,14 @@ RUNTIME_FLAGS = (
         "auto",
         "auto: xformers on CUDA when installed, else torch; on CPU the compiled kernels (cpu) for float32/bfloat16",
         BACKENDS,
+    ),
+    Flag(
+        "--quantization",
+        None,
+        "auto",
+        "auto: keep a GGUF file's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights quantized (cpu backend); q8_0, q4_0, int8: "
+        "quantize a floating-point checkpoint at load; none: dequantize",
+        QUANTIZATIONS,
     ),
     Flag("--enable-prefix-caching", boolean, True, "reuse KV blocks of shared prompt prefixes (true/false)"),
     Flag("--max-num-batched-tokens", positive_int, 2048, "tokens per engine step"),

@@ -38,6 +38,7 @@ class RuntimeOptions:
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"
+    quantization: str = "auto"  # auto: keep a GGUF file's quantized types (cpu backend)
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -57,6 +58,11 @@ class Runtime:
     def dtype_name(self) -> str:
         """The weights' dtype as users write it: ``float32``."""
         return str(self.loaded.model.dtype).removeprefix("torch.")
+
+    @property
+    def weight_types(self) -> str:
+        """How the weights are held, e.g. ``Q4_1:210,bfloat16:61,Q8_0:1``."""
+        return self.loaded.weight_types_text
 
     @property
     def kv_dtype_name(self) -> str:
@@ -85,6 +91,7 @@ def runtime_options(args: argparse.Namespace, model_path: Path) -> RuntimeOption
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_dtype=args.kv_cache_dtype,
         attention_backend=args.attention_backend,
+        quantization=args.quantization,
         enable_prefix_caching=args.enable_prefix_caching,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
@@ -108,9 +115,22 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() and cpu_kernels() is not None else torch.float32
 
 
+def resolve_quantization(name: str, backend: str) -> str:
+    """``auto`` keeps quantized types only where the cpu backend runs (else dequantizes);
+    an explicit scheme needs the cpu backend."""
+    if name == "auto":
+        return "auto" if backend == "cpu" else "none"
+    if name != "none" and backend != "cpu":
+        raise ValueError(f"--quantization {name} needs the cpu backend (CPU device, compiled kernels), not {backend!r}")
+    return name
+
+
 def build_runtime(options: RuntimeOptions) -> Runtime:
     device = pick_device(options.device)
-    loaded = load_model(options.model, pick_dtype(options.dtype, device), device)
+    dtype = pick_dtype(options.dtype, device)
+    backend = resolve_backend(options.attention_backend, device, dtype)
+    quantization = resolve_quantization(options.quantization, backend)
+    loaded = load_model(options.model, dtype, device, quantization)
     tokenizer = load_tokenizer(options.model)
     model = loaded.model
     kv_dtype = model.dtype if options.kv_cache_dtype == "auto" else DTYPES[options.kv_cache_dtype]
@@ -121,7 +141,6 @@ def build_runtime(options: RuntimeOptions) -> Runtime:
         budget = cuda_kv_budget(model, options.gpu_memory_utilization, options.max_num_batched_tokens)
     else:
         budget = CPU_KV_CACHE_DEFAULT
-    backend = resolve_backend(options.attention_backend, device, model.dtype)
     cache = PagedKVCache.from_budget(spec, budget, device, cache_layout(backend))
     runner = ModelRunner(model, cache, backend, release_weights=True)
     blocks = BlockManager(

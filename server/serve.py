@@ -79,6 +79,7 @@ def model_info_labels(engine: EngineClient) -> dict[str, str]:
 
     return {
         "dtype": engine.info.dtype,
+        "weight_types": engine.info.weight_types,
         "device": engine.info.device,
         "attention_backend": engine.info.attention_backend,
         "block_size": str(engine.info.block_size),

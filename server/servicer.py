@@ -352,6 +352,7 @@ class GenerationServicer:
             device=model.device,
             attention_backend=model.attention_backend,
             checkpoint_format=model.checkpoint_format,
+            weight_types=model.weight_types,
         )
         if config.sliding_window is not None:
             info.sliding_window = config.sliding_window

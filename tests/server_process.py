@@ -25,7 +25,9 @@ def check_health(channel: grpc.Channel, service: str) -> str:
 
 
 class ServerProcess:
-    def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, model: Path, *args: str, env: dict[str, str] | None = None, start_timeout: float = 120.0
+    ) -> None:
         self.stderr_file: IO[str] = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
         command = [str(SCRIPT), "serve", "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
         command += ["--log-format", "json", "--kv-cache-memory", "32MiB", "--metrics-port", "0", *args]
@@ -33,7 +35,7 @@ class ServerProcess:
             command, stdout=self.stderr_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, text=True
         )
         try:
-            self.port, self.health_port = self._wait_for_port()
+            self.port, self.health_port = self._wait_for_port(start_timeout)
         except BaseException:  # never leave a server behind
             self.process.kill()
             self.process.wait()

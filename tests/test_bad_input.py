@@ -169,6 +169,20 @@ def test_bad_checkpoint_is_one_line_and_exit_2(
     assert problem in lines[0]
 
 
+def test_requantizing_a_quantized_gguf_is_refused_with_exit_2(
+    good: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "q8.gguf"
+    _rewrite_gguf(good["gguf"], path, "llama", lambda name: Q.Q8_0 if name == "blk.0.ffn_up.weight" else None)
+    code = main(["generate", "--model", str(path), "--quantization", "q4_0", "--max-tokens", "2", "hello"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        f"mistral-serve: error: {path}: tensor model.layers.0.mlp.up_proj.weight is already quantized (Q8_0); "
+        "--quantization q4_0 cannot requantize it (use auto to keep its types, or none to dequantize)"
+    ]
+
+
 def test_console_script_prints_no_traceback(good: dict[str, Path], tmp_path: Path) -> None:
     model_arg, named_file, problem = truncated_gguf_data(good, tmp_path)
     script = Path(sys.executable).parent / "mistral-serve"
@@ -188,6 +202,10 @@ def test_console_script_prints_no_traceback(good: dict[str, Path], tmp_path: Pat
         (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got -1"),
         (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got nan"),
         (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (
+            ["--quantization", "q4_k"],
+            "argument --quantization: invalid choice: 'q4_k' (choose from 'none', 'auto', 'int8', 'q8_0', 'q4_0')",
+        ),
     ],
 )
 def test_bad_flags_name_the_flag_and_allowed_values(

@@ -28,7 +28,7 @@ LOGPROB_TOLERANCE = 0.1  # of the float32 argmax token; measured 0.04
 
 
 def greedy(path: Path, dtype: str) -> list[list[int]]:
-    runtime = build_runtime(RuntimeOptions(path, dtype=dtype, kv_cache_memory=64 << 20))
+    runtime = build_runtime(RuntimeOptions(path, dtype=dtype, quantization="none", kv_cache_memory=64 << 20))
     assert runtime.engine.runner.backend == "cpu" and runtime.dtype_name == dtype
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     streams = []

@@ -147,7 +147,8 @@ def test_every_server_choice_in_the_schema_is_the_flags_own() -> None:
             flag = flags[re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()]
             assert flag.choices is not None and list(node["enum"]) == list(flag.choices), key
             checked.append(key)
-    assert {"dtype", "attentionBackend", "kvCacheDtype", "logLevel", "logFormat", "device"} <= set(checked)
+    expected = {"dtype", "attentionBackend", "kvCacheDtype", "logLevel", "logFormat", "device", "quantization"}
+    assert expected <= set(checked)
 
 
 def test_every_values_key_is_commented() -> None:

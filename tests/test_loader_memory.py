@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,11 +66,12 @@ def write_hf(state: dict[str, torch.Tensor], config: ModelConfig, directory: Pat
     return directory
 
 
-def measure(path: Path) -> dict[str, int]:
+def measure(path: Path, quantization: str = "none", warm: Path | None = None) -> dict[str, int]:
     out = subprocess.run(
-        [sys.executable, "-m", "tests.peak_rss_probe", str(path)], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+        [sys.executable, "-m", "tests.peak_rss_probe", str(path), quantization, *([str(warm)] if warm else [])],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -110,3 +112,42 @@ def test_peak_memory_of_quantized_gguf_under_1_3x_dequantized_model(
     print(f"q8_0: file {checkpoint_bytes(path) / 1e6:.0f} MB, model {result['model_bytes'] / 1e6:.0f} MB, "
           f"peak growth {growth / 1e6:.0f} MB = {growth / result['model_bytes']:.2f}x")  # fmt: skip
     assert growth < 1.3 * result["model_bytes"]
+
+
+SMALL = replace(CONFIG, vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, head_dim=16)
+
+
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_0"])
+def test_quantizing_at_load_peaks_under_1_3x_the_quantized_model(
+    state: dict[str, torch.Tensor], tmp_path: Path, scheme: str
+) -> None:
+    """A bf16 safetensors checkpoint quantized while it streams in: memory never holds the
+    bf16 (or an fp32) copy of more than a chunk of one tensor. (A small model of the same
+    kind is loaded first, so the fixed cost of the first quantized load is not counted.)"""
+    path = write_hf({k: v.bfloat16() for k, v in state.items()}, CONFIG, tmp_path / "hf-bf16")
+    warm = write_hf({k: v.bfloat16() for k, v in random_state(SMALL).items()}, SMALL, tmp_path / "warm")
+    result = measure(path, scheme, warm)
+    growth = (result["peak_kb"] - result["baseline_kb"]) * 1024
+    print(f"{scheme}: checkpoint {checkpoint_bytes(path) / 1e6:.0f} MB, quantized model "
+          f"{result['model_bytes'] / 1e6:.0f} MB, peak growth {growth / 1e6:.0f} MB = "
+          f"{growth / result['model_bytes']:.2f}x")  # fmt: skip
+    assert result["model_bytes"] < 0.6 * checkpoint_bytes(path)  # it did stay quantized
+    assert growth < 1.3 * result["model_bytes"]
+
+
+def test_a_quantized_gguf_kept_quantized_peaks_under_1_25x_the_file(
+    state: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    path, warm = tmp_path / "m.q4_0.gguf", tmp_path / "warm.gguf"
+    write_gguf(state, CONFIG, path, Q.Q4_0)
+    write_gguf(random_state(SMALL), SMALL, warm, Q.Q4_0)
+    result = measure(path, "auto", warm)
+    growth = (result["peak_kb"] - result["baseline_kb"]) * 1024
+    size = checkpoint_bytes(path)
+    print(f"q4_0 kept: file {size / 1e6:.0f} MB, model {result['model_bytes'] / 1e6:.0f} MB, "
+          f"peak growth {growth / 1e6:.0f} MB = {growth / size:.2f}x the file")  # fmt: skip
+    assert result["model_bytes"] < 1.2 * size
+    # 1.25x the file (llama.cpp: 2x) plus what any load of this size costs beyond its weights
+    # here (~25 MB: file pages the kernel maps around each read, code pages): at 7B's 4 GB the
+    # ratio is measured by bench/mistral7b.py
+    assert growth < 1.25 * size + (32 << 20)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from model.config import CheckpointError, ModelConfig
+from model.quant import QuantParts
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class RowSource:
     """One checkpoint tensor, readable by rows in Hugging Face layout.
 
     ``row_align``: ranges must start on multiples of it (a head's rows, where the
-    format permutes rows within heads).
+    format permutes rows within heads). ``quantized``: for tensors stored in a type the
+    kernels keep (``model.quant``), their rows in that form, without dequantizing.
+    ``stored``: the type as stored ("F32", "BF16", "Q4_1", ...).
     """
 
     shape: tuple[int, ...]
@@ -31,6 +34,8 @@ class RowSource:
     release: Callable[[int, int], None]
     row_bytes: int
     row_align: int = 1
+    quantized: Callable[[int, int], QuantParts] | None = None
+    stored: str = ""
 
 
 # (Hugging Face tensor name, its rows, file it came from)

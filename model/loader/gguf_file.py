@@ -1,8 +1,9 @@
-"""GGUF files of the ``llama`` architecture, dequantized to the model dtype at load.
+"""GGUF files of the ``llama`` architecture.
 
-Tensor data stays memory-mapped; each tensor is dequantized (numpy, ``gguf.quants``),
-its Q/K rows converted back from llama.cpp's interleaved RoPE layout, copied into
-the model, and its mapped pages released.
+Tensor data stays memory-mapped; each tensor is read row range by row range, either kept in
+its block type (``model.quant``: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, when the loader keeps
+quantized weights) or dequantized (numpy, ``gguf.quants``), its Q/K rows converted back from
+llama.cpp's interleaved RoPE layout, and its mapped pages released.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from model.loader.checkpoint import Checkpoint, RowSource, WeightStream, build_c
 from model.loader.gguf_format import GGUFFile, GGUFTensor
 from model.loader.rotary import permuted_rows
 from model.loader.safetensors_mmap import release_pages
+from model.quant import KEPT_GGUF_TYPES, QuantParts, from_gguf
 
 SUPPORTED_TYPES = (
     QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1,
@@ -77,8 +79,13 @@ def _rows(reader: GGUFFile, tensor: GGUFTensor) -> RowSource:
             start, end = 0, 1
         release_pages(reader.mapping, tensor.offset + start * stored_row_bytes, (end - start) * stored_row_bytes)
 
+    def quantized(start: int, end: int) -> QuantParts:
+        return from_gguf(raw[start:end], tensor.type)
+
     row_bytes = 4 * (tensor.shape[-1] if len(tensor.shape) > 1 else tensor.shape[0])
-    return RowSource(tensor.shape, read, release, row_bytes)
+    keep = tensor.type in KEPT_GGUF_TYPES and raw.ndim == 2
+    return RowSource(tensor.shape, read, release, row_bytes, quantized=quantized if keep else None,
+                     stored=tensor.type.name)  # fmt: skip
 
 
 def hf_name_of(name: str) -> str:

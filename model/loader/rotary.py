@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from model.loader.checkpoint import RowSource
+from model.quant import QuantParts
 
 
 def interleaved_to_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -31,4 +32,11 @@ def permuted_rows(source: RowSource, head_dim: int) -> RowSource:
     def read(start: int, end: int) -> torch.Tensor:
         return interleaved_to_half(source.read(start, end), (end - start) // head_dim)
 
-    return replace(source, read=read, row_align=head_dim)
+    quantized = source.quantized
+    if quantized is None:
+        return replace(source, read=read, row_align=head_dim)
+
+    def read_quantized(start: int, end: int) -> QuantParts:
+        return quantized(start, end).map_rows(lambda t: interleaved_to_half(t, (end - start) // head_dim))
+
+    return replace(source, read=read, quantized=read_quantized, row_align=head_dim)

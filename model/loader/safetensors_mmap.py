@@ -98,7 +98,7 @@ class SafetensorsFile:
         def release(start: int, end: int) -> None:
             release_pages(self._map, entry.start + start * row_bytes, (end - start) * row_bytes)
 
-        return RowSource(entry.shape, read, release, row_bytes)
+        return RowSource(entry.shape, read, release, row_bytes, stored=str(entry.dtype).removeprefix("torch."))
 
 
 def release_pages(mapping: mmap.mmap, start: int, nbytes: int) -> None:

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "gemm.h"
+#include "qgemm.h"
 #include "vec.h"
 
 namespace mskern {
@@ -34,6 +35,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("is_bf16", &PackedLinear::is_bf16)
       .def_property_readonly("nbytes", &PackedLinear::nbytes)
       .def_property("bf16_compute", &PackedLinear::bf16_compute, &PackedLinear::set_bf16_compute);
+  pybind11::class_<mskern::QuantLinear>(m, "QuantLinear", pybind11::module_local())
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool>(), pybind11::arg("n"),
+           pybind11::arg("k"), pybind11::arg("group"), pybind11::arg("bits"), pybind11::arg("has_min"),
+           pybind11::arg("offset8"), pybind11::arg("fp16"), pybind11::arg("gated"))
+      .def("set_rows", &mskern::QuantLinear::set_rows, pybind11::arg("start"), pybind11::arg("values"),
+           pybind11::arg("scales"), pybind11::arg("mins"))
+      .def("forward", &mskern::QuantLinear::forward, pybind11::arg("x"), pybind11::arg("out"),
+           pybind11::arg("epilogue"))
+      .def("__call__", &mskern::QuantLinear::call)
+      .def("unpack", &mskern::QuantLinear::unpack)
+      .def("gather_rows", &mskern::QuantLinear::gather_rows, pybind11::arg("ids"), pybind11::arg("out"))
+      .def_property_readonly("in_features", &mskern::QuantLinear::in_features)
+      .def_property_readonly("out_features", &mskern::QuantLinear::out_features)
+      .def_property_readonly("gated", &mskern::QuantLinear::gated)
+      .def_property_readonly("bits", &mskern::QuantLinear::bits)
+      .def_property_readonly("group", &mskern::QuantLinear::group)
+      .def_property_readonly("fp16_scales", &mskern::QuantLinear::fp16_scales)
+      .def_property_readonly("nbytes", &mskern::QuantLinear::nbytes);
   m.def("rms_norm", &mskern::rms_norm, "out = weight * x / rms(x)");
   m.def("rotary_cache", &mskern::rotary_cache, "rotate q and k in place, write k and v to their cache slots");
   m.def("paged_attention", &mskern::paged_attention, "paged attention for prefill and decode chunks");

@@ -13,6 +13,7 @@
 #include <array>
 #include <utility>
 
+#include "tile.h"
 #include "vec.h"
 
 namespace mskern {
@@ -30,14 +31,6 @@ constexpr int64_t kRowBlock = 256;
 inline const uint16_t* bf16_ptr(const torch::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
 }
-
-template <int MR>
-struct Acc {
-  Vec16 a0[MR], a1[MR];  // columns 0..15 and 16..31 of the pair
-  Acc() {
-    for (int r = 0; r < MR; ++r) a0[r] = a1[r] = Vec16::zero();
-  }
-};
 
 // The kernels keep accumulators in locals: through the Acc reference, which may alias x as
 // far as the compiler knows, they would be stored to memory at every step.
@@ -115,31 +108,6 @@ inline void kernel_bf16_dot(const uint32_t* xp, int64_t ldxp, const uint16_t* w,
 }
 #endif
 
-inline void store_cols(Vec16 v, float* o, int64_t cols, bool accumulate) {
-  if (cols <= 0) return;
-  if (cols >= 16) {
-    if (accumulate) v = v + Vec16::load(o);
-    v.store(o);
-  } else {
-    if (accumulate) v = v + Vec16::load_partial(o, static_cast<int>(cols));
-    v.store_partial(o, static_cast<int>(cols));
-  }
-}
-
-template <int MR>
-inline void write_tile(const Acc<MR>& acc, float* out, int64_t ldo, int64_t cols, Epilogue epilogue) {
-  for (int r = 0; r < MR; ++r) {
-    float* o = out + r * ldo;
-    if (epilogue == Epilogue::kSiluMul) {
-      store_cols(silu(acc.a0[r]) * acc.a1[r], o, cols, false);
-    } else {
-      const bool accumulate = epilogue == Epilogue::kAccumulate;
-      store_cols(acc.a0[r], o, std::min<int64_t>(cols, 16), accumulate);
-      store_cols(acc.a1[r], o + 16, cols - 16, accumulate);
-    }
-  }
-}
-
 struct Operand {
   const float* x;
   int64_t ldx;
@@ -189,8 +157,7 @@ PackedLinear::PackedLinear(const torch::Tensor& weight, bool gated, bool bf16, i
   k_ = weight.size(1);
   TORCH_CHECK(!gated || n_ % 2 == 0, "PackedLinear: a gated weight stacks gate and up rows, N must be even");
   set_bf16_compute(bf16_compute);
-  const int64_t half = n_ / 2;
-  pairs_ = gated ? (half + 15) / 16 : (n_ + 31) / 32;
+  pairs_ = gated ? (n_ / 2 + 15) / 16 : (n_ + 31) / 32;
   kp_ = bf16 ? (k_ + 1) / 2 * 2 : k_;
   auto opts = weight.options().device(torch::kCPU);
   data_ = bf16 ? torch::zeros({pairs_, kp_ / 2, 2, 16, 2}, opts.dtype(torch::kBFloat16))
@@ -204,15 +171,8 @@ PackedLinear::PackedLinear(const torch::Tensor& weight, bool gated, bool bf16, i
     for (int64_t q = q0; q < q1; ++q) {
       for (int64_t j = 0; j < 2; ++j) {
         for (int64_t lane = 0; lane < 16; ++lane) {
-          int64_t row;
-          if (gated) {
-            const int64_t col = 16 * q + lane;
-            if (col >= half) continue;
-            row = j == 0 ? col : half + col;
-          } else {
-            row = 32 * q + 16 * j + lane;
-            if (row >= n) continue;
-          }
+          const int64_t row = packed_row(gated, n, q, j, lane);
+          if (row < 0) continue;
           const float* w = src + row * k;
           for (int64_t kk = 0; kk < k; ++kk) {
             if (bf16) {
@@ -236,19 +196,11 @@ void PackedLinear::set_bf16_compute(int64_t mode) {
 torch::Tensor PackedLinear::unpack() const {
   auto w = torch::zeros({n_, k_}, torch::kFloat32);
   float* dst = w.data_ptr<float>();
-  const int64_t half = n_ / 2;
   for (int64_t q = 0; q < pairs_; ++q) {
     for (int64_t j = 0; j < 2; ++j) {
       for (int64_t lane = 0; lane < 16; ++lane) {
-        int64_t row;
-        if (gated_) {
-          const int64_t col = 16 * q + lane;
-          if (col >= half) continue;
-          row = j == 0 ? col : half + col;
-        } else {
-          row = 32 * q + 16 * j + lane;
-          if (row >= n_) continue;
-        }
+        const int64_t row = packed_row(gated_, n_, q, j, lane);
+        if (row < 0) continue;
         for (int64_t kk = 0; kk < k_; ++kk) {
           dst[row * k_ + kk] =
               bf16_ ? bf16_to_float(bf16_ptr(data_)[(((q * (kp_ / 2) + kk / 2) * 2 + j) * 16 + lane) * 2 + (kk & 1)])

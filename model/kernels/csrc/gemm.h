@@ -47,4 +47,15 @@ class PackedLinear {
 
 bool has_bf16_dot();  // the build has the vdpbf16ps path (AVX512-BF16)
 
+// Output columns [16q, 16q + 16) of panel j (0, 1) of pair q hold which weight row, or -1 (padding)?
+// Gated: panel 0 holds gate rows, panel 1 the matching up rows (see above).
+inline int64_t packed_row(bool gated, int64_t n, int64_t q, int64_t j, int64_t lane) {
+  if (gated) {
+    const int64_t col = 16 * q + lane, half = n / 2;
+    return col < half ? (j == 0 ? col : half + col) : -1;
+  }
+  const int64_t row = 32 * q + 16 * j + lane;
+  return row < n ? row : -1;
+}
+
 }  // namespace mskern

@@ -43,6 +43,20 @@ struct Vec16 {
     even.v = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
     odd.v = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
   }
+  // 16 fp16 -> fp32
+  static Vec16 load_f16(const uint16_t* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  // 16 int8 -> fp32
+  static Vec16 load_s8(const int8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+  }
+  // 16 bytes of two 4-bit values each -> fp32 of the low and of the high nibbles
+  static void load_u4(const uint8_t* p, Vec16& low, Vec16& high) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    low.v = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    high.v = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  }
   // fp32 -> bf16, round to nearest even (NaN stays NaN)
   void store_bf16(uint16_t* p) const {
     __m512i bits = _mm512_castps_si512(v);
@@ -104,6 +118,21 @@ struct Vec16 {
     __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
     even = {_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
     odd = {_mm256_castsi256_ps(_mm256_and_si256(a, mask)), _mm256_castsi256_ps(_mm256_and_si256(b, mask))};
+  }
+  static Vec16 load_f16(const uint16_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  }
+  static Vec16 load_s8(const int8_t* p) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))))};
+  }
+  static void load_u4(const uint8_t* p, Vec16& low, Vec16& high) {
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+    const __m256i m = _mm256_set1_epi32(15);
+    low = {_mm256_cvtepi32_ps(_mm256_and_si256(a, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b, m))};
+    high = {_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
   }
   void store_bf16(uint16_t* p) const {
     alignas(32) float tmp[16];
@@ -184,6 +213,18 @@ struct Vec16 {
     for (int i = 0; i < 16; ++i) {
       even.x[i] = widen(p[2 * i]);
       odd.x[i] = widen(p[2 * i + 1]);
+    }
+  }
+  static Vec16 load_f16(const uint16_t* p);  // defined below, after f16_to_float
+  static Vec16 load_s8(const int8_t* p) {
+    Vec16 r;
+    for (int i = 0; i < 16; ++i) r.x[i] = static_cast<float>(p[i]);
+    return r;
+  }
+  static void load_u4(const uint8_t* p, Vec16& low, Vec16& high) {
+    for (int i = 0; i < 16; ++i) {
+      low.x[i] = static_cast<float>(p[i] & 15);
+      high.x[i] = static_cast<float>(p[i] >> 4);
     }
   }
   void store_bf16(uint16_t* p) const {
@@ -278,6 +319,37 @@ inline float bf16_to_float(uint16_t h) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+
+// IEEE half -> fp32 (scales of quantized weights; exact)
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, NaN
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exponent = 113;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+inline Vec16 Vec16::load_f16(const uint16_t* p) {
+  Vec16 r;
+  for (int i = 0; i < 16; ++i) r.x[i] = f16_to_float(p[i]);
+  return r;
+}
+#endif
 
 inline uint16_t float_to_bf16(float f) {
   uint32_t bits;
