@@ -5,7 +5,7 @@ Three steps of workload W's shapes, each the median of a few runs: a prefill ste
 and a decode step of one sequence. Every kernel call is timed around its Python call (the
 kernels are synchronous); "other" is the rest of the step (metadata, embedding, Python).
 
-    .venv/bin/python -m bench.step_profile [--dtype auto|float32|bfloat16]
+    .venv/bin/python -m bench.step_profile [--dtype auto|float32|bfloat16] [--quantization auto|none]
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ class Timer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--quantization", default="none", choices=("auto", "none"))
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = pick_dtype(args.dtype, torch.device("cpu"))
-    model = load_model(ensure_default_model(default_cache_dir(os.environ)), dtype).model
+    model = load_model(ensure_default_model(default_cache_dir(os.environ)), dtype, "cpu", args.quantization).model
     per_seq = -(-(CONTEXT + 1) // BLOCK)
     cache = PagedKVCache(KVCacheSpec.for_model(model.config, dtype, BLOCK), SEQS * per_seq + 1, model.device, "cpu")
     runner = ModelRunner(model, cache, "cpu", release_weights=True)
@@ -86,7 +87,8 @@ def main() -> None:
         f"decode: {SEQS} sequences, context {CONTEXT}": Batch([Chunk([5], CONTEXT, tables[i]) for i in range(SEQS)]),
         f"decode: 1 sequence, context {CONTEXT}": Batch([Chunk([5], CONTEXT, tables[0])]),
     }
-    print(f"default model, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
+    print(f"default model, {str(dtype).removeprefix('torch.')}, quantization {args.quantization}, "
+          f"{torch.get_num_threads()} threads, "
           f"median of {args.runs} runs, milliseconds")  # fmt: skip
     for label, batch in steps.items():
         runs: list[tuple[float, dict[str, float]]] = []

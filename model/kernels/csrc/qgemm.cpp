@@ -22,14 +22,19 @@
 namespace mskern {
 namespace {
 
+// Tiles: MR rows x P pairs. Few rows (the q-kernel): P = 2 for one row, so four independent
+// FMA chains hide the FMA latency; many rows (panels): MR = 6, P = 1.
 #if defined(__AVX512F__)
-constexpr int kQRows = 4;  // 8 final + 16 group accumulators + temporaries of the 32 zmm
+constexpr int kQRows = 4;      // q-kernel rows per tile (MR = 1 runs two pairs)
+constexpr int kPanelRows = 8;  // 16 group sums + 4 loaded vectors of the 32 zmm (totals in memory)
 #elif defined(__AVX2__)
 constexpr int kQRows = 1;
+constexpr int kPanelRows = 1;
 #else
 constexpr int kQRows = 2;
+constexpr int kPanelRows = 2;
 #endif
-constexpr int64_t kSmallRows = 8;  // up to here the q-kernel; above, dequantized panels
+constexpr int64_t kSmallRows = 8;  // up to here the q-kernel; above, panels (measured)
 constexpr int64_t kRowBlock = 256;
 
 struct Layout {
@@ -43,13 +48,13 @@ inline Vec16 load_scales(const uint8_t* p, bool f16) {
 
 // Where a tile's q values come from: the packed bytes (converted in registers) or a panel of
 // them already converted to fp32 ([K][32], by QuantLinear::expand_pair). Both give the same
-// floats, and the tile does the same arithmetic on them, so a row's result never depends on
-// which path, or which other rows, it was computed with.
+// floats, and the tile does the same arithmetic on them (per row and column: one sequential
+// FMA chain over each group's inputs, then scale and min), so a row's result never depends on
+// which path, or which other rows, it was computed with: results are batch-invariant.
 template <int BITS>
 struct PackedValues {
-  const uint8_t* w;
-  // k = i and i + 1 (i even, within group g's values at v): columns 0..15 and 16..31
-  void load(const uint8_t* v, int64_t i, bool both, Vec16& l0, Vec16& l1, Vec16& h0, Vec16& h1) const {
+  // inputs i and i + 1 (i even) of the group at v: columns 0..15 and 16..31
+  void load(const uint8_t* v, int64_t, int64_t i, bool both, Vec16& l0, Vec16& l1, Vec16& h0, Vec16& h1) const {
     if constexpr (BITS == 4) {
       Vec16::load_u4(v + i * 16, l0, h0);
       Vec16::load_u4(v + i * 16 + 16, l1, h1);
@@ -62,9 +67,8 @@ struct PackedValues {
 };
 
 struct PanelValues {
-  const float* panel;  // [K][32]
-  int64_t k0 = 0;      // the group's first input, set per group
-  void load(const uint8_t*, int64_t i, bool both, Vec16& l0, Vec16& l1, Vec16& h0, Vec16& h1) const {
+  const float* panel;  // [K][32] of one pair
+  void load(const uint8_t*, int64_t k0, int64_t i, bool both, Vec16& l0, Vec16& l1, Vec16& h0, Vec16& h1) const {
     const float* p = panel + (k0 + i) * 32;
     l0 = Vec16::load(p), l1 = Vec16::load(p + 16);
     if (both) h0 = Vec16::load(p + 32), h1 = Vec16::load(p + 48);
@@ -72,73 +76,97 @@ struct PanelValues {
 };
 
 // x: MR rows (stride ldx); xsum: per row, the sum of x over each group (stride ldxs), or null;
-// w: the pair's packed groups (scales, mins, and the values unless the source is a panel).
-template <int MR, class Source>
-void q_tile(const float* x, int64_t ldx, const float* xsum, int64_t ldxs, const uint8_t* w, const Layout& L,
-            Source src, const uint8_t* next, float* out, int64_t ldo, int64_t cols, Epilogue epilogue) {
-  Vec16 a0[MR], a1[MR];
-  for (int r = 0; r < MR; ++r) a0[r] = a1[r] = Vec16::zero();
+// w[p]: pair p's packed groups (scales, mins, and the values unless the source is a panel);
+// out[p]: where pair p's columns go (cols[p] of them).
+template <int MR, int P, class Source>
+void q_tile(const float* x, int64_t ldx, const float* xsum, int64_t ldxs, const uint8_t* const* w, const Layout& L,
+            const Source* src, const uint8_t* next, float* const* out, int64_t ldo, const int64_t* cols,
+            Epilogue epilogue) {
+  // The totals live in memory (touched once per group), leaving the registers to the group sums.
+  alignas(64) float a[MR][P][2][16] = {};
   for (int64_t g = 0; g < L.groups; ++g) {
-    const uint8_t* v = w + g * L.group_bytes;
     if (next != nullptr) {
       for (int64_t line = 0; line < L.group_bytes; line += 64) __builtin_prefetch(next + g * L.group_bytes + line, 0, 3);
     }
     const int64_t k0 = g * L.group, kn = std::min(L.group, L.K - k0);
-    if constexpr (std::is_same_v<Source, PanelValues>) src.k0 = k0;
     const float* xg = x + k0;
-    Vec16 e0[MR], e1[MR], o0[MR], o1[MR];  // group sums over even and odd k
-    for (int r = 0; r < MR; ++r) e0[r] = e1[r] = o0[r] = o1[r] = Vec16::zero();
-    for (int64_t i = 0; i < kn; i += 2) {
-      const bool both = i + 1 < kn;
-      Vec16 l0, l1, h0, h1;
-      src.load(v, i, both, l0, l1, h0, h1);
+    Vec16 b[MR][P][2];  // the group's sums
+    for (int r = 0; r < MR; ++r)
+      for (int p = 0; p < P; ++p) b[r][p][0] = b[r][p][1] = Vec16::zero();
+    const float* xr[MR];
+    for (int r = 0; r < MR; ++r) xr[r] = xg + r * ldx;
+    const int64_t full = kn & ~int64_t{1};
+    for (int64_t i = 0; i < full; i += 2) {  // inputs i, i + 1: the same order as one input at a time
+      Vec16 l[P][2], h[P][2];
+      for (int p = 0; p < P; ++p) src[p].load(w[p] + g * L.group_bytes, k0, i, true, l[p][0], l[p][1], h[p][0], h[p][1]);
       for (int r = 0; r < MR; ++r) {
-        const Vec16 xe = Vec16::broadcast(xg[r * ldx + i]);
-        e0[r] = Vec16::fma(xe, l0, e0[r]);
-        e1[r] = Vec16::fma(xe, l1, e1[r]);
+        const Vec16 xe = Vec16::broadcast(xr[r][i]);
+        for (int p = 0; p < P; ++p) {
+          b[r][p][0] = Vec16::fma(xe, l[p][0], b[r][p][0]);
+          b[r][p][1] = Vec16::fma(xe, l[p][1], b[r][p][1]);
+        }
       }
-      if (both) {
-        for (int r = 0; r < MR; ++r) {
-          const Vec16 xo = Vec16::broadcast(xg[r * ldx + i + 1]);
-          o0[r] = Vec16::fma(xo, h0, o0[r]);
-          o1[r] = Vec16::fma(xo, h1, o1[r]);
+      for (int r = 0; r < MR; ++r) {
+        const Vec16 xo = Vec16::broadcast(xr[r][i + 1]);
+        for (int p = 0; p < P; ++p) {
+          b[r][p][0] = Vec16::fma(xo, h[p][0], b[r][p][0]);
+          b[r][p][1] = Vec16::fma(xo, h[p][1], b[r][p][1]);
         }
       }
     }
-    const uint8_t* s = v + L.value_bytes;
-    const Vec16 s0 = load_scales(s, L.f16), s1 = load_scales(s + L.scale_bytes / 2, L.f16);
-    for (int r = 0; r < MR; ++r) {
-      a0[r] = Vec16::fma(e0[r] + o0[r], s0, a0[r]);
-      a1[r] = Vec16::fma(e1[r] + o1[r], s1, a1[r]);
-    }
-    if (L.has_min || L.offset8) {
-      const uint8_t* m = s + L.scale_bytes;
-      const Vec16 eight = Vec16::broadcast(-8.0f);
-      const Vec16 m0 = L.has_min ? load_scales(m, L.f16) : s0 * eight;
-      const Vec16 m1 = L.has_min ? load_scales(m + L.scale_bytes / 2, L.f16) : s1 * eight;
+    if (full < kn) {  // an odd last input
+      Vec16 l[P][2], h[P][2];
+      for (int p = 0; p < P; ++p) src[p].load(w[p] + g * L.group_bytes, k0, full, false, l[p][0], l[p][1], h[p][0], h[p][1]);
       for (int r = 0; r < MR; ++r) {
-        const Vec16 xs = Vec16::broadcast(xsum[r * ldxs + g]);
-        a0[r] = Vec16::fma(xs, m0, a0[r]);
-        a1[r] = Vec16::fma(xs, m1, a1[r]);
+        const Vec16 xe = Vec16::broadcast(xr[r][full]);
+        for (int p = 0; p < P; ++p) {
+          b[r][p][0] = Vec16::fma(xe, l[p][0], b[r][p][0]);
+          b[r][p][1] = Vec16::fma(xe, l[p][1], b[r][p][1]);
+        }
+      }
+    }
+    for (int p = 0; p < P; ++p) {
+      const uint8_t* s = w[p] + g * L.group_bytes + L.value_bytes;
+      const Vec16 s0 = load_scales(s, L.f16), s1 = load_scales(s + L.scale_bytes / 2, L.f16);
+      const bool mins = L.has_min || L.offset8;
+      Vec16 m0 = Vec16::zero(), m1 = Vec16::zero();
+      if (mins) {
+        const uint8_t* m = s + L.scale_bytes;
+        const Vec16 eight = Vec16::broadcast(-8.0f);
+        m0 = L.has_min ? load_scales(m, L.f16) : s0 * eight;
+        m1 = L.has_min ? load_scales(m + L.scale_bytes / 2, L.f16) : s1 * eight;
+      }
+      for (int r = 0; r < MR; ++r) {
+        Vec16 t0 = Vec16::fma(b[r][p][0], s0, Vec16::load(a[r][p][0]));
+        Vec16 t1 = Vec16::fma(b[r][p][1], s1, Vec16::load(a[r][p][1]));
+        if (mins) {
+          const Vec16 xs = Vec16::broadcast(xsum[r * ldxs + g]);
+          t0 = Vec16::fma(xs, m0, t0);
+          t1 = Vec16::fma(xs, m1, t1);
+        }
+        t0.store(a[r][p][0]);
+        t1.store(a[r][p][1]);
       }
     }
   }
-  Acc<MR> acc;
-  for (int r = 0; r < MR; ++r) acc.a0[r] = a0[r], acc.a1[r] = a1[r];
-  write_tile<MR>(acc, out, ldo, cols, epilogue);
+  for (int p = 0; p < P; ++p) {
+    Acc<MR> acc;
+    for (int r = 0; r < MR; ++r) acc.a0[r] = Vec16::load(a[r][p][0]), acc.a1[r] = Vec16::load(a[r][p][1]);
+    write_tile<MR>(acc, out[p], ldo, cols[p], epilogue);
+  }
 }
 
 template <class Source>
-using QTileFn = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t*, const Layout&, Source,
-                         const uint8_t*, float*, int64_t, int64_t, Epilogue);
+using QTileFn = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t* const*, const Layout&,
+                         const Source*, const uint8_t*, float* const*, int64_t, const int64_t*, Epilogue);
 
-template <class Source, int... Rows>
+template <class Source, int P, int... Rows>
 constexpr auto make_q_table(std::integer_sequence<int, Rows...>) {
-  return std::array<QTileFn<Source>, sizeof...(Rows)>{&q_tile<Rows + 1, Source>...};
+  return std::array<QTileFn<Source>, sizeof...(Rows)>{&q_tile<Rows + 1, P, Source>...};
 }
-constexpr auto kQ4Tiles = make_q_table<PackedValues<4>>(std::make_integer_sequence<int, kQRows>{});
-constexpr auto kQ8Tiles = make_q_table<PackedValues<8>>(std::make_integer_sequence<int, kQRows>{});
-constexpr auto kPanelTiles = make_q_table<PanelValues>(std::make_integer_sequence<int, kQRows>{});
+constexpr auto kQ4Tiles = make_q_table<PackedValues<4>, 1>(std::make_integer_sequence<int, kQRows>{});
+constexpr auto kQ8Tiles = make_q_table<PackedValues<8>, 1>(std::make_integer_sequence<int, kQRows>{});
+constexpr auto kPanelTiles = make_q_table<PanelValues, 1>(std::make_integer_sequence<int, kPanelRows>{});
 
 }  // namespace
 
@@ -251,9 +279,9 @@ void QuantLinear::expand_pair(int64_t pair, float* panel, bool scaled) const {
       const bool both = i + 1 < kn;
       Vec16 l0, l1, h0, h1;
       if (bits_ == 4) {
-        PackedValues<4>{}.load(v, i, both, l0, l1, h0, h1);
+        PackedValues<4>{}.load(v, k0, i, both, l0, l1, h0, h1);
       } else {
-        PackedValues<8>{}.load(v, i, both, l0, l1, h0, h1);
+        PackedValues<8>{}.load(v, k0, i, both, l0, l1, h0, h1);
       }
       float* p = panel + (k0 + i) * 32;
       Vec16::fma(l0, s0, m0).store(p);
@@ -297,37 +325,59 @@ void QuantLinear::forward(const torch::Tensor& x, torch::Tensor& out, int64_t ep
   });
   if (M <= kSmallRows) {
     at::parallel_for(0, pairs_, 1, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t col0 = q * width, cols = std::min(width, limit - col0);
-        const uint8_t* next = q + 1 < q1 ? group_ptr(q + 1, 0) : nullptr;
+      for (int64_t q = q0; q < q1;) {
+        // one row: two pairs per tile (four FMA chains); more rows: one pair, MR rows
+        const int npairs = (M == 1 && q + 1 < q1) ? 2 : 1;
+        const uint8_t* w[2] = {group_ptr(q, 0), npairs == 2 ? group_ptr(q + 1, 0) : nullptr};
+        const uint8_t* next = q + npairs < q1 ? group_ptr(q + npairs, 0) : nullptr;
+        int64_t cols[2];
+        float* dst[2];
+        for (int p = 0; p < npairs; ++p) {
+          const int64_t col0 = (q + p) * width;
+          cols[p] = std::min(width, limit - col0);
+          dst[p] = o + col0;
+        }
         for (int64_t m = 0; m < M; m += kQRows) {
           const int64_t rows = std::min<int64_t>(kQRows, M - m);
-          const uint8_t* w = group_ptr(q, 0);
           const float* xs = sums ? xsum.data() + m * groups_ : nullptr;
+          float* at_row[2] = {dst[0] + m * ldo, npairs == 2 ? dst[1] + m * ldo : nullptr};
+          const uint8_t* prefetch = m == 0 ? next : nullptr;
           if (bits_ == 4) {
-            kQ4Tiles[rows - 1](xp + m * ldx, ldx, xs, groups_, w, L, PackedValues<4>{w}, m == 0 ? next : nullptr,
-                               o + m * ldo + col0, ldo, cols, epilogue);
+            const PackedValues<4> src[2];
+            if (npairs == 2) {
+              q_tile<1, 2>(xp, ldx, xs, groups_, w, L, src, prefetch, at_row, ldo, cols, epilogue);
+            } else {
+              kQ4Tiles[rows - 1](xp + m * ldx, ldx, xs, groups_, w, L, src, prefetch, at_row, ldo, cols, epilogue);
+            }
           } else {
-            kQ8Tiles[rows - 1](xp + m * ldx, ldx, xs, groups_, w, L, PackedValues<8>{w}, m == 0 ? next : nullptr,
-                               o + m * ldo + col0, ldo, cols, epilogue);
+            const PackedValues<8> src[2];
+            if (npairs == 2) {
+              q_tile<1, 2>(xp, ldx, xs, groups_, w, L, src, prefetch, at_row, ldo, cols, epilogue);
+            } else {
+              kQ8Tiles[rows - 1](xp + m * ldx, ldx, xs, groups_, w, L, src, prefetch, at_row, ldo, cols, epilogue);
+            }
           }
         }
+        q += npairs;
       }
     });
     return;
   }
   at::parallel_for(0, pairs_, 1, [&](int64_t q0, int64_t q1) {
     std::vector<float> panel(static_cast<size_t>(k_) * 32);
+    const PanelValues src[1] = {PanelValues{panel.data()}};
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t m1 = std::min(M, m0 + kRowBlock);
       for (int64_t q = q0; q < q1; ++q) {
-        const int64_t col0 = q * width, cols = std::min(width, limit - col0);
+        const int64_t col0 = q * width;
+        const int64_t cols[1] = {std::min(width, limit - col0)};
+        const uint8_t* w[1] = {group_ptr(q, 0)};
         expand_pair(q, panel.data(), false);
-        for (int64_t m = m0; m < m1; m += kQRows) {
-          const int64_t rows = std::min<int64_t>(kQRows, m1 - m);
-          kPanelTiles[rows - 1](xp + m * ldx, ldx, sums ? xsum.data() + m * groups_ : nullptr, groups_,
-                                group_ptr(q, 0), L, PanelValues{panel.data()}, nullptr, o + m * ldo + col0, ldo,
-                                cols, epilogue);
+        for (int64_t m = m0; m < m1; m += kPanelRows) {
+          const int64_t rows = std::min<int64_t>(kPanelRows, m1 - m);
+          float* dst[1] = {o + m * ldo + col0};
+          kPanelTiles[rows - 1](xp + m * ldx, ldx, sums ? xsum.data() + m * groups_ : nullptr, groups_, w, L, src,
+                                nullptr, dst, ldo, cols, epilogue);
         }
       }
     }
