@@ -81,10 +81,11 @@ def test_full_queue_rejects_the_sixth_request_at_once(long_tiny_checkpoint: Path
     async def scenario() -> tuple[grpc.StatusCode, str, float]:
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
-            calls = [stub.GenerateStream(very_long) for _ in range(5)]
-            firsts = [asyncio.ensure_future(call.read()) for call in calls]
-            # whichever arrived first runs (max_num_seqs 1); the other four wait in the queue
-            await asyncio.wait(firsts, return_when=asyncio.FIRST_COMPLETED)
+            # the first runs (max_num_seqs 1) before the next four arrive: sent together, the
+            # fifth could find four others still waiting for their first step and be refused
+            calls = [stub.GenerateStream(very_long)]
+            await calls[0].read()
+            calls += [stub.GenerateStream(very_long) for _ in range(4)]
             await asyncio.sleep(3)  # let the busy server take in the other four (the first runs for 20+ s)
             start = time.monotonic()
             try:
