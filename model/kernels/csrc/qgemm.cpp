@@ -85,8 +85,8 @@ void q_tile(const float* x, int64_t ldx, const float* xsum, int64_t ldxs, const 
   // The totals live in memory (touched once per group), leaving the registers to the group sums.
   alignas(64) float a[MR][P][2][16] = {};
   for (int64_t g = 0; g < L.groups; ++g) {
-    if (next != nullptr) {
-      for (int64_t line = 0; line < L.group_bytes; line += 64) __builtin_prefetch(next + g * L.group_bytes + line, 0, 3);
+    if (next != nullptr) {  // into L2 only (prefetcht2): read once, and L1's fill buffers stay free
+      for (int64_t line = 0; line < L.group_bytes; line += 64) __builtin_prefetch(next + g * L.group_bytes + line, 0, 1);
     }
     const int64_t k0 = g * L.group, kn = std::min(L.group, L.K - k0);
     const float* xg = x + k0;
