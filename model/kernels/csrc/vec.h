@@ -52,10 +52,12 @@ struct Vec16 {
     return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
   }
   // 16 bytes of two 4-bit values each -> fp32 of the low and of the high nibbles
+  // (vpermps reads only the low 4 bits of each index: a table lookup replaces mask + convert)
   static void load_u4(const uint8_t* p, Vec16& low, Vec16& high) {
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    low.v = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    high.v = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    low.v = _mm512_permutexvar_ps(b, table);
+    high.v = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
   }
   // fp32 -> bf16, round to nearest even (NaN stays NaN)
   void store_bf16(uint16_t* p) const {
