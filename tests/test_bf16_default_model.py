@@ -27,8 +27,10 @@ LOGIT_TOLERANCE = 0.5  # |logits| reach ~33; measured 0.22
 LOGPROB_TOLERANCE = 0.1  # of the float32 argmax token; measured 0.04
 
 
-def greedy(path: Path, dtype: str) -> list[list[int]]:
-    runtime = build_runtime(RuntimeOptions(path, dtype=dtype, quantization="none", kv_cache_memory=64 << 20))
+def greedy(path: Path, dtype: str, quantization: str = "none") -> list[list[int]]:
+    """32 greedy tokens for each prompt, all in one batch (weights dequantized unless ``quantization``)."""
+    options = RuntimeOptions(path, dtype=dtype, quantization=quantization, kv_cache_memory=64 << 20)
+    runtime = build_runtime(options)
     assert runtime.engine.runner.backend == "cpu" and runtime.dtype_name == dtype
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     streams = []

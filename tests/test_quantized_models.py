@@ -15,12 +15,9 @@ from model.batch import Batch, Chunk
 from model.kv_cache import KVCacheSpec, PagedKVCache
 from model.loader import LoadedModel, load_model
 from model.runner import ModelRunner
-from scheduler.output_stream import SyncOutputStream
-from scheduler.request import SamplingParams
-from server.runtime import RuntimeOptions, build_runtime
 from tests.checkpoint_writers import hf_state, write_gguf
 from tests.hf_reference import TinySpec, build_hf_model, save_hf_model
-from tests.test_bf16_default_model import PROMPTS
+from tests.test_bf16_default_model import greedy
 
 SPEC = TinySpec("quant", heads=4, kv_heads=2, hidden=256, intermediate=512, vocab=256, architecture="llama")
 PROMPT = [3, 200, 17, 45, 45, 120, 9, 250, 64, 1, 88, 31, 7, 7, 190]
@@ -87,19 +84,6 @@ def test_default_model_q4_1_logits_equal_its_dequantized_weights(default_model_p
     assert (got - expected).abs().max().item() < 1e-4
 
 
-def greedy(path: Path, quantization: str) -> list[list[int]]:
-    runtime = build_runtime(RuntimeOptions(path, dtype="float32", quantization=quantization, kv_cache_memory=64 << 20))
-    assert runtime.engine.runner.backend == "cpu"
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    streams = []
-    for i, prompt in enumerate(PROMPTS):
-        stream = SyncOutputStream(1)
-        runtime.engine.submit(runtime.request(f"r{i}", runtime.tokenizer.encode(prompt), params), stream)
-        streams.append(stream)
-    runtime.engine.run_until_idle()
-    return [[t for output in stream for t in output.token_ids] for stream in streams]
-
-
 @pytest.mark.slow
 def test_default_model_q4_1_greedy_agrees_with_dequantized_for_32_tokens(default_model_path: Path) -> None:
-    assert greedy(default_model_path, "auto") == greedy(default_model_path, "none")
+    assert greedy(default_model_path, "float32", "auto") == greedy(default_model_path, "float32", "none")

@@ -142,6 +142,17 @@ constexpr auto kTiles = make_table(std::make_integer_sequence<int, kMaxRows>{});
 
 }  // namespace
 
+void check_gather(const torch::Tensor& ids, const torch::Tensor& out, int64_t n, int64_t k) {
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous(), "gather_rows: ids must be int64");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.size(0) == ids.numel() &&
+                  out.size(1) == k && out.stride(1) == 1,
+              "gather_rows: out must be (len(ids), K) float32");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < ids.numel(); ++t) {
+    TORCH_CHECK(id[t] >= 0 && id[t] < n, "gather_rows: id ", id[t], " outside [0, ", n, ")");
+  }
+}
+
 bool has_bf16_dot() {
 #if defined(__AVX512BF16__)
   return true;
@@ -214,14 +225,8 @@ torch::Tensor PackedLinear::unpack() const {
 
 void PackedLinear::gather_rows(const torch::Tensor& ids, torch::Tensor& out) const {
   TORCH_CHECK(!gated_, "gather_rows: not for gated weights");
-  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous(), "gather_rows: ids must be int64");
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.size(0) == ids.numel() &&
-                  out.size(1) == k_ && out.stride(1) == 1,
-              "gather_rows: out must be (len(ids), K) float32");
+  check_gather(ids, out, n_, k_);
   const int64_t* id = ids.data_ptr<int64_t>();
-  for (int64_t t = 0; t < ids.numel(); ++t) {
-    TORCH_CHECK(id[t] >= 0 && id[t] < n_, "gather_rows: id ", id[t], " outside [0, ", n_, ")");
-  }
   float* o = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);
   at::parallel_for(0, ids.numel(), 16, [&](int64_t t0, int64_t t1) {

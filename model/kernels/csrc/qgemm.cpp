@@ -407,14 +407,8 @@ torch::Tensor QuantLinear::unpack() const {
 
 void QuantLinear::gather_rows(const torch::Tensor& ids, torch::Tensor& out) const {
   TORCH_CHECK(!gated_, "gather_rows: not for gated weights");
-  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous(), "gather_rows: ids must be int64");
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.size(0) == ids.numel() &&
-                  out.size(1) == k_ && out.stride(1) == 1,
-              "gather_rows: out must be (len(ids), K) float32");
+  check_gather(ids, out, n_, k_);
   const int64_t* id = ids.data_ptr<int64_t>();
-  for (int64_t t = 0; t < ids.numel(); ++t) {
-    TORCH_CHECK(id[t] >= 0 && id[t] < n_, "gather_rows: id ", id[t], " outside [0, ", n_, ")");
-  }
   float* o = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);
   at::parallel_for(0, ids.numel(), 16, [&](int64_t t0, int64_t t1) {
