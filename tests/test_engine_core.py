@@ -27,6 +27,16 @@ def engine_core_pid(server: ServerProcess) -> int:
     return int(pids[0])
 
 
+def all_gone(pids: list[int], within: float = 10.0) -> bool:
+    """Every process exits within ``within`` s (a helper notices its parent's exit a moment later)."""
+    deadline = time.monotonic() + within
+    while not all(gone(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -82,7 +92,7 @@ def test_killed_engine_core_turns_health_not_serving_and_fails_calls_unavailable
         assert len(died) == 1 and died[0]["exit_code"] == -signal.SIGKILL
         helpers = children(server.process.pid)
         assert server.terminate(timeout=30) == 0
-        assert all(gone(pid) for pid in [core, *helpers])
+        assert all_gone([core, *helpers])
     finally:
         server.close()
 
