@@ -142,7 +142,8 @@ constexpr auto kTiles = make_table(std::make_integer_sequence<int, kMaxRows>{});
 
 }  // namespace
 
-void check_gather(const torch::Tensor& ids, const torch::Tensor& out, int64_t n, int64_t k) {
+void check_gather(const torch::Tensor& ids, const torch::Tensor& out, int64_t n, int64_t k, bool gated) {
+  TORCH_CHECK(!gated, "gather_rows: not for gated weights");
   TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.is_contiguous(), "gather_rows: ids must be int64");
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.dim() == 2 && out.size(0) == ids.numel() &&
                   out.size(1) == k && out.stride(1) == 1,
@@ -224,8 +225,7 @@ torch::Tensor PackedLinear::unpack() const {
 }
 
 void PackedLinear::gather_rows(const torch::Tensor& ids, torch::Tensor& out) const {
-  TORCH_CHECK(!gated_, "gather_rows: not for gated weights");
-  check_gather(ids, out, n_, k_);
+  check_gather(ids, out, n_, k_, gated_);
   const int64_t* id = ids.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);

@@ -47,8 +47,8 @@ class PackedLinear {
 
 bool has_bf16_dot();  // the build has the vdpbf16ps path (AVX512-BF16)
 
-// The checks both gather_rows share: ids int64 in [0, n), out (len(ids), k) float32.
-void check_gather(const torch::Tensor& ids, const torch::Tensor& out, int64_t n, int64_t k);
+// The checks both gather_rows share: a plain (not gated) layer, ids int64 in [0, n), out (len(ids), k) float32.
+void check_gather(const torch::Tensor& ids, const torch::Tensor& out, int64_t n, int64_t k, bool gated);
 
 // Output columns [16q, 16q + 16) of panel j (0, 1) of pair q hold which weight row, or -1 (padding)?
 // Gated: panel 0 holds gate rows, panel 1 the matching up rows (see above).

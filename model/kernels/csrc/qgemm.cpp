@@ -406,8 +406,7 @@ torch::Tensor QuantLinear::unpack() const {
 }
 
 void QuantLinear::gather_rows(const torch::Tensor& ids, torch::Tensor& out) const {
-  TORCH_CHECK(!gated_, "gather_rows: not for gated weights");
-  check_gather(ids, out, n_, k_);
+  check_gather(ids, out, n_, k_, gated_);
   const int64_t* id = ids.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);
