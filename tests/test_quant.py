@@ -131,3 +131,28 @@ def test_an_fp16_layer_refuses_a_scale_that_is_not_an_fp16(kernels: ModuleType) 
     linear = kernels.QuantLinear(32, 32, 32, 8, False, False, True, False)
     with pytest.raises(RuntimeError, match="not exactly an fp16"):
         linear.set_rows(0, torch.zeros(1, 32, dtype=torch.int8), torch.tensor([[0.1]]), torch.empty(0))
+
+
+def cpu_has_vnni() -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    return "avx512_vnni" in flags and "avx512bw" in flags
+
+
+@pytest.mark.parametrize("qtype", KEPT_GGUF_TYPES, ids=lambda q: q.name)
+def test_a_rows_product_does_not_depend_on_the_batch(kernels: ModuleType, qtype: Q) -> None:
+    """Every row count takes the same arithmetic per row (few rows and panels, integer products
+    and fp32 ones), so a row's result is bit-identical alone and in any batch."""
+    parts = from_gguf(random_blocks(qtype, 70, 512, seed=9), qtype)
+    linear = pack(parts, kernels)
+    native_4bit = kernels.ISA == "avx512" and parts.bits == 4
+    assert linear.integer_products == (native_4bit and cpu_has_vnni())
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(9))
+    together = linear(x)
+    for m in (1, 2, 7, 8, 9, 13):
+        assert torch.equal(linear(x[:m]), together[:m]), m
+    for i in (0, 17, 39):
+        assert torch.equal(linear(x[i : i + 1]), together[i : i + 1]), i
+    x[5, 100] = float("nan")  # a bad activation spoils its own row only
+    spoiled = linear(x)
+    assert spoiled[5].isnan().all() and torch.equal(spoiled[torch.arange(40) != 5], together[torch.arange(40) != 5])

@@ -52,7 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("bits", &mskern::QuantLinear::bits)
       .def_property_readonly("group", &mskern::QuantLinear::group)
       .def_property_readonly("fp16_scales", &mskern::QuantLinear::fp16_scales)
-      .def_property_readonly("nbytes", &mskern::QuantLinear::nbytes);
+      .def_property_readonly("nbytes", &mskern::QuantLinear::nbytes)
+      .def_property_readonly("integer_products", &mskern::QuantLinear::integer_products);
   m.def("rms_norm", &mskern::rms_norm, "out = weight * x / rms(x)");
   m.def("rotary_cache", &mskern::rotary_cache, "rotate q and k in place, write k and v to their cache slots");
   m.def("paged_attention", &mskern::paged_attention, "paged attention for prefill and decode chunks");

@@ -59,6 +59,14 @@ struct Vec16 {
     low.v = _mm512_permutexvar_ps(b, table);
     high.v = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
   }
+  // 64 bytes = 16 dwords of four bytes each, two 4-bit values per byte -> fp32 of byte j's low
+  // and of its high nibbles (qgemm.h's layout for integer products)
+  static void load_u4_quad(const uint8_t* p, int j, Vec16& low, Vec16& high) {
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i d = _mm512_srl_epi32(_mm512_loadu_si512(p), _mm_cvtsi32_si128(8 * j));
+    low.v = _mm512_permutexvar_ps(d, table);
+    high.v = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
+  }
   // fp32 -> bf16, round to nearest even (NaN stays NaN)
   void store_bf16(uint16_t* p) const {
     __m512i bits = _mm512_castps_si512(v);
