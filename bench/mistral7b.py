@@ -212,6 +212,34 @@ def run_ours(path: Path, vocab: int) -> dict[str, float]:
     return result
 
 
+# --- the bound ------------------------------------------------------------------------------
+
+
+def read_bandwidth_gbs(reps: int = 3) -> float:
+    """This machine's streaming read: torch.sum over 4 GiB of (touched) memory, 2 threads, best of reps."""
+    import torch
+
+    torch.set_num_threads(2)
+    data = torch.randint(0, 1 << 20, (1 << 29,), dtype=torch.int64)
+    best = 0.0
+    for _ in range(reps):
+        start = time.perf_counter()
+        data.sum()
+        best = max(best, data.numel() * 8 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def bytes_per_token(path: Path) -> int:
+    """Bytes of weights one batch-1 decode step reads: every tensor, but of the token embedding
+    only one row when the head is a separate tensor."""
+    from gguf import GGUFReader
+
+    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    if "output.weight" in sizes:
+        sizes.pop("token_embd.weight")
+    return sum(sizes.values())
+
+
 # --- llama.cpp --------------------------------------------------------------------------------
 
 
@@ -262,7 +290,10 @@ def main() -> None:
             build_checkpoint(path, name.upper())
         size = path.stat().st_size / 1e9
         print(f"{name}: {path} ({size:.2f} GB)", flush=True)
+        before = read_bandwidth_gbs()
         ours = run_ours(path, vocab)
+        ours["read_gbs"] = max(before, read_bandwidth_gbs())
+        ours["bytes_per_token"] = bytes_per_token(path)
         print(f"  mistral-serve: {ours}", flush=True)
         theirs = None if python is None else run_llamacpp(python, path)
         print(f"  llama.cpp: {theirs}", flush=True)
@@ -280,6 +311,16 @@ def main() -> None:
                   f"{ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}x | {ours['ttft_s'] / theirs['ttft_s']:.2f}x | "
                   f"{ours['ms_per_token'] / theirs['ms_per_token']:.2f}x | "
                   f"{ours['streams_tok_s'] / theirs['streams_tok_s']:.2f}x |")  # fmt: skip
+    print("\nBatch-1 decode against the read bound (weights read per token / the faster of two torch.sum runs "
+          "over 4 GiB, before and after the server):")  # fmt: skip
+    for name, _, ours, theirs in rows:
+        gb = ours["bytes_per_token"] / 1e9
+        line = f"- {name}: {gb:.2f} GB per token, read {ours['read_gbs']:.1f} GB/s; mistral-serve "
+        line += f"{gb / ours['ms_per_token'] * 1000:.1f} GB/s ({gb / ours['ms_per_token'] * 1e5 / ours['read_gbs']:.0f}%)"
+        if theirs is not None:
+            line += f", llama.cpp {gb / theirs['ms_per_token'] * 1000:.1f} GB/s"
+            line += f" ({gb / theirs['ms_per_token'] * 1e5 / ours['read_gbs']:.0f}%)"
+        print(line)
 
 
 if __name__ == "__main__":

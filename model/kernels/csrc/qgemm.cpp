@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -195,6 +196,7 @@ constexpr auto kPanelTiles = make_q_table<PanelValues, 1>(std::make_integer_sequ
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr int kIntRows = 4;  // 6 x 4 int32 accumulators + two value vectors of the 32 zmm
 constexpr int64_t kIntPrefetch = 4;  // groups
+constexpr int64_t kIntChunk = 16;    // pairs a thread takes at a time at batch 1
 
 // Rows of x split per group for the integer products (qgemm.h): parts [M][3][Kp] int8 (x1, x2,
 // x3; zero past K), and per row and group: fx, 8 (254 S1 + S2) and 8 S3 where Sp is the sum of
@@ -597,7 +599,7 @@ void QuantLinear::forward_integer(const float* x, int64_t ldx, int64_t M, float*
   SplitRows xs;
   split_rows(x, ldx, M, L, xs);
   const int64_t width = gated_ ? 16 : 32, limit = out_features();
-  at::parallel_for(0, pairs_, 1, [&](int64_t q0, int64_t q1) {
+  const auto pairs = [&](int64_t q0, int64_t q1) {
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t m1 = std::min(M, m0 + kRowBlock);
       for (int64_t q = q0; q < q1;) {
@@ -620,6 +622,17 @@ void QuantLinear::forward_integer(const float* x, int64_t ldx, int64_t M, float*
         q += npairs;
       }
     }
+  };
+  if (M > 1) {
+    at::parallel_for(0, pairs_, 1, pairs);
+    return;
+  }
+  // One row is bound by reading the weights: the threads take chunks of pairs as they go, so one
+  // slowed (by another tenant, say) does not leave the other waiting at the end of the layer.
+  std::atomic<int64_t> next{0};
+  const int64_t chunks = (pairs_ + kIntChunk - 1) / kIntChunk;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < chunks; c = next++) pairs(c * kIntChunk, std::min(pairs_, (c + 1) * kIntChunk));
   });
 #else
   (void)x, (void)ldx, (void)M, (void)o, (void)ldo, (void)epilogue;
