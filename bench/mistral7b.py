@@ -316,7 +316,8 @@ def main() -> None:
     for name, _, ours, theirs in rows:
         gb = ours["bytes_per_token"] / 1e9
         line = f"- {name}: {gb:.2f} GB per token, read {ours['read_gbs']:.1f} GB/s; mistral-serve "
-        line += f"{gb / ours['ms_per_token'] * 1000:.1f} GB/s ({gb / ours['ms_per_token'] * 1e5 / ours['read_gbs']:.0f}%)"
+        rate = gb / ours["ms_per_token"] * 1000
+        line += f"{rate:.1f} GB/s ({100 * rate / ours['read_gbs']:.0f}%)"
         if theirs is not None:
             line += f", llama.cpp {gb / theirs['ms_per_token'] * 1000:.1f} GB/s"
             line += f" ({gb / theirs['ms_per_token'] * 1e5 / ours['read_gbs']:.0f}%)"
