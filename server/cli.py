@@ -41,7 +41,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", help="a file of prompts, one per line, generated together")
     gen.add_argument("--n", type=n_samples, default=1, help="samples per prompt, 1 to 16 (default 1)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128)")
+    gen.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="tokens to generate at most (default: --default-max-tokens)",
+    )
     gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default), > 0 samples")
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")

@@ -43,7 +43,7 @@ def run_generate(args: argparse.Namespace, model_path: Path) -> int:
             temperature=args.temperature,
             seed=args.seed,
             n=args.n,
-            max_tokens=max(1, min(args.max_tokens, room)),
+            max_tokens=max(1, min(args.default_max_tokens if args.max_tokens is None else args.max_tokens, room)),
             stop=tuple(args.stop),
         )
         stream = SyncOutputStream(args.n)

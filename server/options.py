@@ -147,6 +147,12 @@ RUNTIME_FLAGS = (
     Flag("--max-num-batched-tokens", positive_int, 2048, "tokens per engine step"),
     Flag("--max-num-seqs", positive_int, 64, "sequences per engine step"),
     Flag("--max-queued-requests", non_negative_int, 1024, "waiting requests before RESOURCE_EXHAUSTED"),
+    Flag(
+        "--default-max-tokens",
+        positive_int,
+        256,
+        "tokens generated at most where a request sets no max_tokens (capped by the context left)",
+    ),
     Flag("--log-level", None, "info", "log level (serve logs to stdout, generate to stderr)", LOG_LEVELS),
     Flag("--log-format", None, "auto", "auto: console on a terminal, JSON lines otherwise", LOG_FORMATS),
 )

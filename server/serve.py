@@ -98,7 +98,7 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
     token = read(args.auth_token_file).decode().strip() if args.auth_token_file else None
     interceptors = [BearerTokenInterceptor(token)] if token is not None else []
     tls = credentials(args)
-    state = ServerState(log_prompts=args.log_prompts)
+    state = ServerState(log_prompts=args.log_prompts, default_max_tokens=args.default_max_tokens)
     server = grpc.aio.server(options=server_options(args), interceptors=interceptors)
     server.add_generic_rpc_handlers((GenerationServicer(state).handler(),))
     health = health_aio.HealthServicer()

@@ -53,6 +53,7 @@ class ServerState:
     metrics: ServerMetrics | None = None
     model_name: str = ""
     log_prompts: bool = False
+    default_max_tokens: int = 256  # where a request sets no max_tokens
     draining: bool = False
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -148,7 +149,11 @@ class GenerationServicer:
         runtime = await self._runtime(context)
         try:
             prepared = prepare(
-                parsed, runtime.tokenizer, runtime.engine.info.config.vocab_size, runtime.engine.max_model_len
+                parsed,
+                runtime.tokenizer,
+                runtime.engine.info.config.vocab_size,
+                runtime.engine.max_model_len,
+                self.state.default_max_tokens,
             )
         except InvalidRequest as exc:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", str(exc))

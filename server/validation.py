@@ -144,7 +144,9 @@ def chat_ids(messages: pb.ChatMessages, tokenizer: Tokenizer) -> list[int]:
         raise InvalidRequest(f"messages: {exc}") from None
 
 
-def sampling_params(request: Any, room: int) -> SamplingParams:
+def sampling_params(request: Any, room: int, default_max_tokens: int) -> SamplingParams:
+    """The request's sampling and stopping; an unset max_tokens is ``default_max_tokens``, capped by
+    ``room`` (the context left after the prompt), where a set one above ``room`` is an error."""
     sampling, stopping = request.sampling, request.stopping
 
     def opt(message: Any, name: str) -> Any:
@@ -163,6 +165,8 @@ def sampling_params(request: Any, room: int) -> SamplingParams:
         n=opt(request, "n") if request.HasField("n") else 1,
         logprobs=logprobs,
     )
+    if values["max_tokens"] is None:
+        values["max_tokens"] = max(1, min(max(default_max_tokens, stopping.min_tokens), room))
     try:
         params = SamplingParams(**values)
     except ValueError as exc:
@@ -175,12 +179,12 @@ def sampling_params(request: Any, room: int) -> SamplingParams:
     return params
 
 
-def prepare(parsed: Parsed, tokenizer: Tokenizer, vocab_size: int, context: int) -> Prepared:
+def prepare(parsed: Parsed, tokenizer: Tokenizer, vocab_size: int, context: int, default_max_tokens: int) -> Prepared:
     if parsed.error is not None:
         raise InvalidRequest(parsed.error)
     request = parsed.message
     if len(request.request_id) > MAX_REQUEST_ID:
         raise InvalidRequest(f"request_id: at most {MAX_REQUEST_ID} characters, got {len(request.request_id)}")
     ids = prompt_ids(request, parsed.input_fields, tokenizer, vocab_size, context)
-    params = sampling_params(request, context - len(ids))
+    params = sampling_params(request, context - len(ids), default_max_tokens)
     return Prepared(request.request_id or uuid.uuid4().hex, ids, params, request.priority)

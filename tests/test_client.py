@@ -78,3 +78,19 @@ def test_client_installs_without_torch_and_its_cli_streams(server: ServerProcess
     assert (
         bad.stderr.strip() == "mistral-serve-client: error: INVALID_ARGUMENT: stopping.max_tokens: must be >= 1, got 0"
     )
+
+
+def test_an_unset_max_tokens_is_the_servers_default_not_the_rest_of_the_context(long_server: ServerProcess) -> None:
+    """The README's first command once ran for 8 minutes: with no max_tokens, an 8,192-token
+    model generated to the end of its context. Now an unset max_tokens is --default-max-tokens
+    (256): exactly 256 tokens when EOS is ignored, and the CLI gives the same text."""
+    with Client(long_server.target) as client:
+        unbounded = client.generate("Once upon a time", temperature=0.0, ignore_eos=True)
+        assert (unbounded.completion_tokens, unbounded.finish_reasons) == (256, ["length"])
+        greedy = client.generate("Once upon a time", temperature=0.0)
+    cli = Path(sys.executable).with_name("mistral-serve-client")
+    streamed = subprocess.run(
+        [str(cli), "--target", long_server.target, "generate", "--stream", "--temperature", "0", "Once upon a time"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    assert streamed.stdout.removesuffix("\n") == greedy.text

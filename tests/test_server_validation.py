@@ -123,3 +123,19 @@ def test_oversized_message_is_resource_exhausted(server: ServerProcess) -> None:
         server.stub(channel).Generate(pb.GenerateRequest(prompt="x" * (5 << 20)), timeout=30)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert server.health() == "SERVING"
+
+
+@pytest.mark.parametrize(
+    ("stopping", "room", "default", "expected"),
+    [
+        (T(), 1000, 256, 256),  # unset: the server's default
+        (T(), 100, 256, 100),  # capped by the context left, not an error
+        (T(), 1000, 7, 7),  # --default-max-tokens 7
+        (T(min_tokens=300), 1000, 256, 300),  # never below min_tokens
+        (T(max_tokens=500), 1000, 256, 500),  # a set value is the request's
+    ],
+)
+def test_max_tokens_default(stopping: pb.StoppingOptions, room: int, default: int, expected: int) -> None:
+    from server.validation import sampling_params
+
+    assert sampling_params(pb.GenerateRequest(prompt="hi", stopping=stopping), room, default).max_tokens == expected
