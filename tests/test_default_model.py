@@ -102,3 +102,28 @@ def test_cli_generates_several_prompts_and_samples(tmp_path: Path) -> None:
     assert headers == [f"=== prompt {p}, sample {s} ===" for p in (1, 2) for s in (1, 2)]
     texts = runs[0].split("===")[2::2]
     assert len({t.strip() for t in texts}) >= 3  # samples of a prompt differ (seed + index)
+
+
+def test_the_default_model_is_served_as_smollm2_135m_instruct(default_model_path: Path) -> None:
+    """Its GGUF's general.name is "Smollm2 135M 8k Lc100K Mix1 Ep2": the served name is the
+    publisher's, from the file name less its encoding."""
+    from model.loader import open_checkpoint
+
+    assert open_checkpoint(default_model_path).name == "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("file", "metadata", "expected"),
+    [
+        ("Mistral-7B-Instruct-v0.3-Q4_K_M.gguf", {"general.basename": "Mistral"}, "Mistral-7B-Instruct-v0.3"),
+        ("mistral-7b-instruct-v0.1.Q4_0.gguf", {"general.name": "mistralai_mistral-7b-instruct-v0.1"},
+         "mistralai_mistral-7b-instruct-v0.1"),
+        ("model.gguf", {"general.basename": "Ministral", "general.size_label": "8B", "general.finetune": "Instruct",
+                        "general.version": "2410"}, "Ministral-8B-Instruct-2410"),
+        ("model-f16.gguf", {}, "model"),
+    ],
+)  # fmt: skip
+def test_gguf_served_names(file: str, metadata: dict[str, str], expected: str) -> None:
+    from model.loader.gguf_file import model_name
+
+    assert model_name(Path(file), metadata) == expected

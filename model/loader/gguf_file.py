@@ -8,6 +8,7 @@ llama.cpp's interleaved RoPE layout, and its mapped pages released.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,27 @@ def open_gguf(path: Path) -> Checkpoint:
             heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(hf_name.split(".")[-2])
             yield hf_name, source if heads is None else permuted_rows(source, config.head_dim), path
 
-    name = reader.metadata.get("general.name") or path.stem
-    return Checkpoint(path, "gguf", str(name), config, weights)
+    return Checkpoint(path, "gguf", model_name(path, reader.metadata), config, weights)
+
+
+# A file name's encoding suffix in llama.cpp's naming convention: ".Q4_1", "-Q4_K_M", ".IQ3_XS", ".F16"
+ENCODING_SUFFIX = re.compile(r"[.-](?:I?Q\d[A-Z0-9_]*|[BF]F?16|F32)$", re.IGNORECASE)
+
+
+def model_name(path: Path, metadata: dict[str, Any]) -> str:
+    """The name to serve a GGUF file under, as its publisher writes it: the file's name less its
+    encoding where it names the model (``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``),
+    else llama.cpp's ``<basename>-<size_label>-<finetune>-<version>`` from the metadata, else
+    ``general.name``, else the file's name."""
+    stem = ENCODING_SUFFIX.sub("", path.stem)
+    basename = str(metadata.get("general.basename") or "")
+    if basename and basename.lower().replace(" ", "-") in stem.lower():
+        return stem
+    keys = ("general.basename", "general.size_label", "general.finetune", "general.version")
+    parts = [str(metadata[key]) for key in keys if metadata.get(key)]
+    if basename:
+        return "-".join(parts)
+    return str(metadata.get("general.name") or stem)
 
 
 def _rows(reader: GGUFFile, tensor: GGUFTensor) -> RowSource:
