@@ -120,35 +120,26 @@ void q_tile(const float* x, int64_t ldx, const float* xsum, int64_t ldxs, const 
       for (int p = 0; p < P; ++p) b[r][p][0] = b[r][p][1] = Vec16::zero();
     const float* xr[MR];
     for (int r = 0; r < MR; ++r) xr[r] = xg + r * ldx;
+    const auto add = [&](const Vec16 (&v)[P][2], int64_t i) {  // input i's values, every row
+      for (int r = 0; r < MR; ++r) {
+        const Vec16 xi = Vec16::broadcast(xr[r][i]);
+        for (int p = 0; p < P; ++p) {
+          b[r][p][0] = Vec16::fma(xi, v[p][0], b[r][p][0]);
+          b[r][p][1] = Vec16::fma(xi, v[p][1], b[r][p][1]);
+        }
+      }
+    };
     const int64_t full = kn & ~int64_t{1};
     for (int64_t i = 0; i < full; i += 2) {  // inputs i, i + 1: the same order as one input at a time
       Vec16 l[P][2], h[P][2];
       for (int p = 0; p < P; ++p) src[p].load(w[p] + g * L.group_bytes, k0, i, true, l[p][0], l[p][1], h[p][0], h[p][1]);
-      for (int r = 0; r < MR; ++r) {
-        const Vec16 xe = Vec16::broadcast(xr[r][i]);
-        for (int p = 0; p < P; ++p) {
-          b[r][p][0] = Vec16::fma(xe, l[p][0], b[r][p][0]);
-          b[r][p][1] = Vec16::fma(xe, l[p][1], b[r][p][1]);
-        }
-      }
-      for (int r = 0; r < MR; ++r) {
-        const Vec16 xo = Vec16::broadcast(xr[r][i + 1]);
-        for (int p = 0; p < P; ++p) {
-          b[r][p][0] = Vec16::fma(xo, h[p][0], b[r][p][0]);
-          b[r][p][1] = Vec16::fma(xo, h[p][1], b[r][p][1]);
-        }
-      }
+      add(l, i);
+      add(h, i + 1);
     }
     if (full < kn) {  // an odd last input
       Vec16 l[P][2], h[P][2];
       for (int p = 0; p < P; ++p) src[p].load(w[p] + g * L.group_bytes, k0, full, false, l[p][0], l[p][1], h[p][0], h[p][1]);
-      for (int r = 0; r < MR; ++r) {
-        const Vec16 xe = Vec16::broadcast(xr[r][full]);
-        for (int p = 0; p < P; ++p) {
-          b[r][p][0] = Vec16::fma(xe, l[p][0], b[r][p][0]);
-          b[r][p][1] = Vec16::fma(xe, l[p][1], b[r][p][1]);
-        }
-      }
+      add(l, full);
     }
     for (int p = 0; p < P; ++p) {
       const uint8_t* s = w[p] + g * L.group_bytes + L.value_bytes;
