@@ -453,6 +453,18 @@ const uint8_t* QuantLinear::group_ptr(int64_t pair, int64_t g) const {
   return data_.data_ptr<uint8_t>() + (pair * groups_ + g) * group_bytes_;
 }
 
+QuantLinear::PairTile QuantLinear::pair_tile(int64_t q, int npairs, float* out) const {
+  const int64_t width = gated_ ? 16 : 32;
+  PairTile tile;
+  for (int p = 0; p < npairs; ++p) {
+    const int64_t col0 = (q + p) * width;
+    tile.w[p] = group_ptr(q + p, 0);
+    tile.cols[p] = std::min(width, out_features() - col0);
+    tile.out[p] = out + col0;
+  }
+  return tile;
+}
+
 float QuantLinear::scale_of(const uint8_t* group, int64_t c, bool min) const {
   const uint8_t* slot = group + value_bytes_ + (min ? scale_bytes_ : 0);
   return f16_ ? f16_to_float(reinterpret_cast<const uint16_t*>(slot)[c]) : reinterpret_cast<const float*>(slot)[c];
@@ -509,7 +521,6 @@ void QuantLinear::forward(const torch::Tensor& x, torch::Tensor& out, int64_t ep
     forward_integer(xp, ldx, M, o, ldo, epilogue);
     return;
   }
-  const int64_t width = gated_ ? 16 : 32, limit = out_features();
   const Layout L{k_, group_, groups_, value_bytes_, scale_bytes_, group_bytes_, has_min_, offset8_, f16_};
   const bool sums = has_min_ || offset8_;
   std::vector<float> xsum(sums ? M * groups_ : 0);
@@ -527,19 +538,14 @@ void QuantLinear::forward(const torch::Tensor& x, torch::Tensor& out, int64_t ep
       for (int64_t q = q0; q < q1;) {
         // one row: two pairs per tile (four FMA chains); more rows: one pair, MR rows
         const int npairs = (M == 1 && q + 1 < q1) ? 2 : 1;
-        const uint8_t* w[2] = {group_ptr(q, 0), npairs == 2 ? group_ptr(q + 1, 0) : nullptr};
+        const PairTile tile = pair_tile(q, npairs, o);
+        const uint8_t* const* w = tile.w;
+        const int64_t* cols = tile.cols;
         const uint8_t* next = q + npairs < q1 ? group_ptr(q + npairs, 0) : nullptr;
-        int64_t cols[2];
-        float* dst[2];
-        for (int p = 0; p < npairs; ++p) {
-          const int64_t col0 = (q + p) * width;
-          cols[p] = std::min(width, limit - col0);
-          dst[p] = o + col0;
-        }
         for (int64_t m = 0; m < M; m += kQRows) {
           const int64_t rows = std::min<int64_t>(kQRows, M - m);
           const float* xs = sums ? xsum.data() + m * groups_ : nullptr;
-          float* at_row[2] = {dst[0] + m * ldo, npairs == 2 ? dst[1] + m * ldo : nullptr};
+          float* at_row[2] = {tile.out[0] + m * ldo, npairs == 2 ? tile.out[1] + m * ldo : nullptr};
           const uint8_t* prefetch = m == 0 ? next : nullptr;
           if (bits_ == 4) {
             const PackedValues<4> src[2] = {{quads_}, {quads_}};
@@ -568,15 +574,13 @@ void QuantLinear::forward(const torch::Tensor& x, torch::Tensor& out, int64_t ep
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t m1 = std::min(M, m0 + kRowBlock);
       for (int64_t q = q0; q < q1; ++q) {
-        const int64_t col0 = q * width;
-        const int64_t cols[1] = {std::min(width, limit - col0)};
-        const uint8_t* w[1] = {group_ptr(q, 0)};
+        const PairTile tile = pair_tile(q, 1, o);
         expand_pair(q, panel.data(), false);
         for (int64_t m = m0; m < m1; m += kPanelRows) {
           const int64_t rows = std::min<int64_t>(kPanelRows, m1 - m);
-          float* dst[1] = {o + m * ldo + col0};
-          kPanelTiles[rows - 1](xp + m * ldx, ldx, sums ? xsum.data() + m * groups_ : nullptr, groups_, w, L, src,
-                                nullptr, dst, ldo, cols, epilogue);
+          float* dst[1] = {tile.out[0] + m * ldo};
+          kPanelTiles[rows - 1](xp + m * ldx, ldx, sums ? xsum.data() + m * groups_ : nullptr, groups_, tile.w, L, src,
+                                nullptr, dst, ldo, tile.cols, epilogue);
         }
       }
     }
@@ -589,26 +593,18 @@ void QuantLinear::forward_integer(const float* x, int64_t ldx, int64_t M, float*
   const Layout L{k_, group_, groups_, value_bytes_, scale_bytes_, group_bytes_, has_min_, offset8_, f16_};
   SplitRows xs;
   split_rows(x, ldx, M, L, xs);
-  const int64_t width = gated_ ? 16 : 32, limit = out_features();
   const auto pairs = [&](int64_t q0, int64_t q1) {
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t m1 = std::min(M, m0 + kRowBlock);
       for (int64_t q = q0; q < q1;) {
         // one row: two pairs per tile (twelve vpdpbusd chains); more rows: one pair, up to 4 rows
         const int npairs = (M == 1 && q + 1 < q1) ? 2 : 1;
-        const uint8_t* w[2] = {group_ptr(q, 0), npairs == 2 ? group_ptr(q + 1, 0) : nullptr};
-        int64_t cols[2];
-        float* dst[2];
-        for (int p = 0; p < npairs; ++p) {
-          const int64_t col0 = (q + p) * width;
-          cols[p] = std::min(width, limit - col0);
-          dst[p] = o + col0;
-        }
+        const PairTile tile = pair_tile(q, npairs, o);
         for (int64_t m = m0; m < m1; m += kIntRows) {
           const int64_t rows = std::min<int64_t>(kIntRows, m1 - m);
-          float* at_row[2] = {dst[0] + m * ldo, npairs == 2 ? dst[1] + m * ldo : nullptr};
+          float* at_row[2] = {tile.out[0] + m * ldo, npairs == 2 ? tile.out[1] + m * ldo : nullptr};
           const auto& tiles = group_ == 32 ? kIntTiles32 : kIntTiles;
-          tiles[npairs == 2 ? 0 : rows](xs, m, w, L, at_row, ldo, cols, epilogue);
+          tiles[npairs == 2 ? 0 : rows](xs, m, tile.w, L, at_row, ldo, tile.cols, epilogue);
         }
         q += npairs;
       }

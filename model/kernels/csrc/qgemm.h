@@ -64,6 +64,14 @@ class QuantLinear {
 
  private:
   const uint8_t* group_ptr(int64_t pair, int64_t g) const;
+  // pairs q .. q + npairs - 1 (npairs <= 2): their packed groups, their output columns, and where
+  // those start in row 0 of out
+  struct PairTile {
+    const uint8_t* w[2] = {nullptr, nullptr};
+    int64_t cols[2] = {0, 0};
+    float* out[2] = {nullptr, nullptr};
+  };
+  PairTile pair_tile(int64_t q, int npairs, float* out) const;
   float scale_of(const uint8_t* group, int64_t c, bool min) const;
   void forward_integer(const float* x, int64_t ldx, int64_t M, float* out, int64_t ldo, Epilogue epilogue) const;
   // the pair's q as fp32 into panel [K][32]; scaled: the weights (scale q + min) instead
