@@ -98,6 +98,7 @@ class Flag:
     default: Any
     help: str
     choices: Sequence[str] | None = None
+    repeat: bool = False  # may be given several times; its environment twin is comma-separated
 
     @property
     def dest(self) -> str:
@@ -161,7 +162,17 @@ RUNTIME_FLAGS = (
 SERVER_FLAGS = (
     Flag("--host", None, "0.0.0.0", "address to listen on"),
     Flag("--port", port, 50051, "gRPC port (0: any free port, logged at startup)"),
-    Flag("--served-model-name", None, None, "model name reported to clients (default: from the checkpoint)"),
+    Flag(
+        "--http-port", port, 8000, "HTTP port of the OpenAI-compatible and Workers AI APIs and the playground (0: off)"
+    ),
+    Flag(
+        "--served-model-name",
+        None,
+        (),
+        "model name reported to clients (default: from the checkpoint); repeat it for aliases clients may use "
+        "too, e.g. @cf/mistral/mistral-7b-instruct-v0.1",
+        repeat=True,
+    ),
     Flag("--shutdown-grace", positive_float, 30.0, "seconds in-flight calls may take to finish after SIGTERM"),
     Flag("--max-message-bytes", size, 4 << 20, "largest request or response message"),
     Flag("--keepalive-time", positive_float, 30.0, "seconds between keepalive pings to idle clients"),
@@ -187,6 +198,8 @@ def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], environ: M
                 default = flag.type(raw) if flag.type else raw
             except (argparse.ArgumentTypeError, ValueError) as exc:
                 parser.error(f"{flag.env}={raw!r}: {exc}")
+            if flag.repeat:
+                default = tuple(item.strip() for item in raw.split(",") if item.strip())
             if flag.choices is not None and default not in flag.choices:
                 parser.error(f"{flag.env}={raw!r}: choose from {', '.join(flag.choices)}")
         kwargs: dict[str, Any] = {"default": default, "help": f"{flag.help} [env: {flag.env}]"}
@@ -194,7 +207,19 @@ def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], environ: M
             kwargs["type"] = flag.type
         if flag.choices is not None:
             kwargs["choices"] = flag.choices
+        if flag.repeat:
+            kwargs["action"] = _Repeat
         parser.add_argument(flag.name, **kwargs)
+
+
+class _Repeat(argparse.Action):
+    """Collects every use of a repeatable flag; the first use replaces the default (from the env)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (*(() if current is self.default else current), values))
 
 
 def env_names() -> set[str]:

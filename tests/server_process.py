@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,13 @@ from mistralserve.v1 import generation_pb2_grpc as pb_grpc
 SCRIPT = Path(sys.executable).parent / "mistral-serve"
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the HTTP port: 0 turns the HTTP front-end off)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def check_health(channel: grpc.Channel, service: str) -> str:
     response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
@@ -28,9 +36,13 @@ class ServerProcess:
     def __init__(
         self, model: Path, *args: str, env: dict[str, str] | None = None, start_timeout: float = 120.0
     ) -> None:
+        self.http_port: int | None = None
         self.stderr_file: IO[str] = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
         command = [str(SCRIPT), "serve", "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
-        command += ["--log-format", "json", "--kv-cache-memory", "32MiB", "--metrics-port", "0", *args]
+        command += ["--log-format", "json", "--kv-cache-memory", "32MiB", "--metrics-port", "0"]
+        if "--http-port" not in args:
+            command += ["--http-port", str(free_port())]
+        command += args
         self.process = subprocess.Popen(
             command, stdout=self.stderr_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, text=True
         )
@@ -58,6 +70,7 @@ class ServerProcess:
             for line in self.log_lines():
                 if line.get("event") == "grpc server listening":
                     health_port = line.get("health_port")
+                    self.http_port = line.get("http_port")
                     return int(line["port"]), None if health_port is None else int(health_port)
             if self.process.poll() is not None:
                 raise RuntimeError(
@@ -65,6 +78,12 @@ class ServerProcess:
                 )
             time.sleep(0.05)
         raise TimeoutError("the server did not report its port")
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP front-end's base address, e.g. ``http://127.0.0.1:8123``."""
+        assert self.http_port is not None, "the server was started with --http-port 0"
+        return f"http://127.0.0.1:{self.http_port}"
 
     def channel(self, credentials: grpc.ChannelCredentials | None = None, **options: Any) -> grpc.Channel:
         opts = [("grpc.ssl_target_name_override", "localhost")] if credentials else []

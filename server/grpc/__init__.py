@@ -1,0 +1,1 @@
+"""The gRPC front-end: the GenerationService over ``server.frontend``, health, reflection."""

@@ -1,0 +1,230 @@
+"""The GenerationService: gRPC in front of ``server.frontend``.
+
+Bad input -> INVALID_ARGUMENT naming the field; a full queue -> RESOURCE_EXHAUSTED; model
+still loading, engine core dead (also mid-stream) or server draining -> UNAVAILABLE. When the client cancels,
+disconnects or runs out of deadline, the handler is cancelled and the request aborted, so
+its blocks are freed at the engine's next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+import structlog
+from mistralserve.v1 import generation_pb2 as pb
+
+from scheduler.request import FinishReason, RequestOutput, TokenLogprobs
+from server.frontend import (
+    INTERNAL,
+    INVALID_ARGUMENT,
+    QUEUE_FULL,
+    UNAVAILABLE,
+    Completion,
+    Frontend,
+    Rejected,
+    ServerState,
+    Serving,
+)
+from server.validation import InvalidRequest, Parsed, chat_ids, deserializer
+
+log = structlog.get_logger(__name__)
+if TYPE_CHECKING:  # grpc's classes are generic only in its type stubs
+    Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+STATUS = {
+    INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+async def abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+class GenerationServicer:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.frontend = Frontend(state)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn: Any, request: Any, response: Any) -> grpc.RpcMethodHandler[Any, Any]:
+            return grpc.unary_unary_rpc_method_handler(fn, deserializer(request), response.SerializeToString)
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                    self.GenerateStream,
+                    deserializer(pb.GenerateStreamRequest),
+                    pb.GenerateStreamResponse.SerializeToString,
+                ),
+                "Generate": unary(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
+                "Tokenize": unary(self.Tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
+                "Detokenize": unary(self.Detokenize, pb.DetokenizeRequest, pb.DetokenizeResponse),
+                "GetModelInfo": unary(self.GetModelInfo, pb.GetModelInfoRequest, pb.GetModelInfoResponse),
+            },
+        )
+
+    async def _runtime(self, context: Context) -> Serving:
+        try:
+            return self.frontend.serving(context.peer())
+        except Rejected as exc:
+            await abort(context, STATUS[exc.reason], exc.message)
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def GenerateStream(self, parsed: Parsed, context: Context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        try:
+            runtime, prepared = self.frontend.prepare(parsed, context.peer())
+            async with self.frontend.generate(runtime, prepared, context.peer()) as outputs:
+                async for output in outputs:
+                    yield self._stream_response(runtime, output)
+        except Rejected as exc:
+            await abort(context, STATUS[exc.reason], exc.message)
+
+    async def Generate(self, parsed: Parsed, context: Context) -> pb.GenerateResponse:
+        try:
+            runtime, prepared = self.frontend.prepare(parsed, context.peer())
+            async with self.frontend.generate(runtime, prepared, context.peer()) as outputs:
+                collected = await outputs.collect()
+        except Rejected as exc:
+            await abort(context, STATUS[exc.reason], exc.message)
+        return pb.GenerateResponse(
+            request_id=prepared.request_id,
+            completions=[self._completion(runtime, completion) for completion in collected.completions],
+            usage=pb.Usage(
+                prompt_tokens=collected.prompt_tokens,
+                completion_tokens=collected.completion_tokens,
+                cached_tokens=collected.cached_tokens,
+            ),
+        )
+
+    def _completion(self, runtime: Serving, completion: Completion) -> pb.Completion:
+        message = pb.Completion(
+            index=completion.index,
+            text=completion.text,
+            token_ids=completion.token_ids,
+            logprobs=[self._logprobs(runtime, entry) for entry in completion.logprobs],
+        )
+        if completion.finish_reason is not None:
+            self._finish(message, completion.finish_reason, completion.stop_reason)
+        return message
+
+    def _stream_response(self, runtime: Serving, output: RequestOutput) -> pb.GenerateStreamResponse:
+        response = pb.GenerateStreamResponse(
+            request_id=output.request_id,
+            index=output.index,
+            text=output.text,
+            token_ids=output.token_ids,
+            logprobs=[self._logprobs(runtime, entry) for entry in output.logprobs],
+        )
+        if output.finished:
+            assert output.finish_reason is not None
+            self._finish(response, output.finish_reason, output.stop_reason)
+            if output.usage is not None:
+                response.usage.CopyFrom(
+                    pb.Usage(
+                        prompt_tokens=output.usage.prompt_tokens,
+                        completion_tokens=output.usage.completion_tokens,
+                        cached_tokens=output.usage.cached_tokens,
+                    )
+                )
+        return response
+
+    @staticmethod
+    def _finish(message: Any, reason: FinishReason, stop_reason: int | str | None) -> None:
+        message.finish_reason = FINISH[reason]
+        if isinstance(stop_reason, str):
+            message.stop_string = stop_reason
+        elif isinstance(stop_reason, int):
+            message.stop_token_id = stop_reason
+
+    @staticmethod
+    def _logprobs(runtime: Serving, entry: TokenLogprobs) -> pb.PositionLogprobs:
+        def one(token_id: int, logprob: float, rank: int) -> pb.TokenLogprob:
+            text = runtime.tokenizer.decode([token_id], skip_special_tokens=False)
+            return pb.TokenLogprob(token_id=token_id, token=text, logprob=logprob, rank=rank)
+
+        chosen = entry.chosen
+        return pb.PositionLogprobs(
+            chosen=one(chosen.token_id, chosen.logprob, chosen.rank),
+            top=[one(t.token_id, t.logprob, t.rank) for t in entry.top],
+        )
+
+    # -- tokenizer and model -------------------------------------------------------------
+
+    async def Tokenize(self, parsed: Parsed, context: Context) -> pb.TokenizeResponse:
+        runtime = await self._runtime(context)
+        request = parsed.message
+        if parsed.error is not None:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, parsed.error)
+        which = request.WhichOneof("input")
+        tokenizer = runtime.tokenizer
+        if which == "text":
+            ids = tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        elif which == "messages":
+            try:
+                ids = chat_ids(request.messages, tokenizer)
+            except InvalidRequest as exc:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        else:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "input: give exactly one of text, messages")
+        tokens = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
+
+    async def Detokenize(self, parsed: Parsed, context: Context) -> pb.DetokenizeResponse:
+        runtime = await self._runtime(context)
+        if parsed.error is not None:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, parsed.error)
+        ids = list(parsed.message.token_ids)
+        vocab = runtime.engine.info.config.vocab_size
+        bad = next((i for i in ids if i >= vocab), None)
+        if bad is not None:
+            await abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"token_ids: {bad} is outside the vocabulary [0, {vocab})"
+            )
+        text = runtime.tokenizer.decode(ids, skip_special_tokens=parsed.message.skip_special_tokens)
+        return pb.DetokenizeResponse(text=text)
+
+    async def GetModelInfo(self, parsed: Parsed, context: Context) -> pb.GetModelInfoResponse:
+        runtime = await self._runtime(context)
+        if parsed.error is not None:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, parsed.error)
+        model = runtime.engine.info
+        config = model.config
+        info = pb.GetModelInfoResponse(
+            model_name=self.state.model_name,
+            architecture=config.architecture,
+            context_length=model.max_model_len,
+            vocab_size=config.vocab_size,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            num_layers=config.num_layers,
+            kv_block_size=model.block_size,
+            kv_cache_blocks=model.num_blocks,
+            kv_cache_tokens=model.num_blocks * model.block_size,
+            kv_cache_free_blocks=runtime.engine.stats().kv_blocks_free,
+            dtype=model.dtype,
+            kv_cache_dtype=model.kv_cache_dtype,
+            device=model.device,
+            attention_backend=model.attention_backend,
+            checkpoint_format=model.checkpoint_format,
+            weight_types=model.weight_types,
+        )
+        if config.sliding_window is not None:
+            info.sliding_window = config.sliding_window
+        return info

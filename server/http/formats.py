@@ -1,0 +1,257 @@
+"""Answers in OpenAI's and Workers AI's shapes: whole responses, server-sent-event chunks, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.request import FinishReason, RequestOutput, TokenLogprobs
+from server.frontend import Collected, Completion
+from server.http.requests import HttpRequest
+from server.tokenizer import Tokenizer
+
+FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+DONE = b"data: [DONE]\n\n"
+
+
+def event(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+# HTTP status -> OpenAI's error type and code
+ERROR_KINDS = {
+    400: ("invalid_request_error", "invalid_value"),
+    401: ("authentication_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "queue_full"),
+    500: ("server_error", "internal_error"),
+    503: ("service_unavailable", "unavailable"),
+}
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind, default_code = ERROR_KINDS.get(status, ("server_error", "error"))
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
+
+
+def workers_ai_error(status: int, message: str) -> dict[str, Any]:
+    return {"result": None, "success": False, "errors": [{"code": status, "message": message}], "messages": []}
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, output: RequestOutput) -> None:
+        if output.usage is not None:
+            self.prompt_tokens = output.usage.prompt_tokens
+            self.cached_tokens = output.usage.cached_tokens
+            self.completion_tokens += output.usage.completion_tokens
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+class Format:
+    """How one route writes a generation: stream chunks, the stream's end, a whole response, errors."""
+
+    media_type = "application/json"
+
+    def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
+        self.request = request
+        self.request_id = request_id
+        self.model = model
+        self.tokenizer = tokenizer
+        self.created = int(time.time())
+        self.usage = Usage()
+
+    def chunks(self, output: RequestOutput) -> list[bytes]:
+        raise NotImplementedError
+
+    def end(self) -> list[bytes]:
+        return [DONE]
+
+    def whole(self, collected: Collected) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def error(self, status: int, message: str, param: str | None = None) -> dict[str, Any]:
+        return openai_error(status, message, param)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+@dataclass
+class _Offsets:
+    """Completions logprobs' ``text_offset``: where each sample's next token starts."""
+
+    by_index: dict[int, int] = field(default_factory=dict)
+
+
+class CompletionFormat(Format):
+    """``/v1/completions``."""
+
+    def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
+        super().__init__(request, request_id, model, tokenizer)
+        self.offsets = _Offsets()
+
+    def _logprobs(self, index: int, entries: tuple[TokenLogprobs, ...] | list[TokenLogprobs]) -> Any:
+        if not self.request.request.logprobs:
+            return None
+        tokens, chosen, tops, offsets = [], [], [], []
+        offset = self.offsets.by_index.get(index, 0)
+        for entry in entries:
+            text = self.token_text(entry.chosen.token_id)
+            tokens.append(text)
+            chosen.append(entry.chosen.logprob)
+            tops.append({self.token_text(t.token_id): t.logprob for t in entry.top} or None)
+            offsets.append(offset)
+            offset += len(text)
+        self.offsets.by_index[index] = offset
+        return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+
+    def _choice(self, index: int, text: str, logprobs: Any, reason: FinishReason | None, stop: Any) -> dict[str, Any]:
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": None if reason is None else FINISH.get(reason, "error"),
+            "stop_reason": stop,
+        }
+
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": f"cmpl-{self.request_id}",
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def chunks(self, output: RequestOutput) -> list[bytes]:
+        self.usage.add(output)
+        chunk = self._envelope(
+            [
+                self._choice(
+                    output.index,
+                    output.text,
+                    self._logprobs(output.index, output.logprobs),
+                    output.finish_reason,
+                    output.stop_reason,
+                )
+            ]
+        )
+        if self.request.include_usage:
+            chunk["usage"] = None
+        return [event(chunk)]
+
+    def end(self) -> list[bytes]:
+        if not self.request.include_usage:
+            return [DONE]
+        return [event({**self._envelope([]), "usage": self.usage.json()}), DONE]
+
+    def whole(self, collected: Collected) -> dict[str, Any]:
+        usage = Usage(collected.prompt_tokens, collected.completion_tokens, collected.cached_tokens)
+        choices = [
+            self._choice(c.index, c.text, self._logprobs(c.index, c.logprobs), c.finish_reason, c.stop_reason)
+            for c in collected.completions
+        ]
+        return {**self._envelope(choices), "usage": usage.json()}
+
+
+class ChatFormat(Format):
+    """``/v1/chat/completions``."""
+
+    def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
+        super().__init__(request, request_id, model, tokenizer)
+        self.started: set[int] = set()
+
+    def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _logprobs(self, entries: tuple[TokenLogprobs, ...] | list[TokenLogprobs]) -> Any:
+        if not self.request.logprobs:
+            return None
+        content = []
+        for entry in entries:
+            item = self._token(entry.chosen.token_id, entry.chosen.logprob)
+            item["top_logprobs"] = [self._token(t.token_id, t.logprob) for t in entry.top]
+            content.append(item)
+        return {"content": content}
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{self.request_id}",
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    @staticmethod
+    def _reason(reason: FinishReason | None) -> str | None:
+        return None if reason is None else FINISH.get(reason, "error")
+
+    def chunks(self, output: RequestOutput) -> list[bytes]:
+        self.usage.add(output)
+        delta: dict[str, Any] = {"content": output.text}
+        if output.index not in self.started:
+            self.started.add(output.index)
+            delta = {"role": "assistant", **delta}
+        choice = {
+            "index": output.index,
+            "delta": delta,
+            "logprobs": self._logprobs(output.logprobs),
+            "finish_reason": self._reason(output.finish_reason),
+            "stop_reason": output.stop_reason,
+        }
+        chunk = self._envelope("chat.completion.chunk", [choice])
+        if self.request.include_usage:
+            chunk["usage"] = None
+        return [event(chunk)]
+
+    def end(self) -> list[bytes]:
+        if not self.request.include_usage:
+            return [DONE]
+        return [event({**self._envelope("chat.completion.chunk", []), "usage": self.usage.json()}), DONE]
+
+    def whole(self, collected: Collected) -> dict[str, Any]:
+        usage = Usage(collected.prompt_tokens, collected.completion_tokens, collected.cached_tokens)
+        choices = [self._message(c) for c in collected.completions]
+        return {**self._envelope("chat.completion", choices), "usage": usage.json()}
+
+    def _message(self, completion: Completion) -> dict[str, Any]:
+        return {
+            "index": completion.index,
+            "message": {"role": "assistant", "content": completion.text},
+            "logprobs": self._logprobs(completion.logprobs),
+            "finish_reason": self._reason(completion.finish_reason),
+            "stop_reason": completion.stop_reason,
+        }
+
+
+class WorkersAIFormat(Format):
+    """``/ai/run/{model}``: ``data: {"response": ...}`` events, or the ``result`` envelope."""
+
+    def chunks(self, output: RequestOutput) -> list[bytes]:
+        return [event({"response": output.text})] if output.text else []
+
+    def whole(self, collected: Collected) -> dict[str, Any]:
+        text = collected.completions[0].text if collected.completions else ""
+        return {"result": {"response": text}, "success": True, "errors": [], "messages": []}
+
+    def error(self, status: int, message: str, param: str | None = None) -> dict[str, Any]:
+        return workers_ai_error(status, message)

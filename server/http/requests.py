@@ -1,0 +1,321 @@
+"""HTTP request bodies (OpenAI's and Workers AI's JSON) into the gRPC ``GenerateRequest``.
+
+The bodies are checked for shape here (types, which fields a route takes); the rules on values
+(ranges, context room, roles, token ids) are ``server.validation``'s, reached through the same
+``GenerateRequest`` message the gRPC front-end validates, so both give the same messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mistralserve.v1 import generation_pb2 as pb
+
+from server.validation import InvalidRequest
+
+UINT32 = (1 << 32) - 1
+INT32 = 1 << 31
+INT64 = 1 << 63
+
+
+def kind_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"{name}: must be a number, got {kind_name(value)}")
+    return float(value)
+
+
+def integer(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name}: must be an integer, got {kind_name(value)}")
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name}: must be in [{low}, {high}], got {value}")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name}: must be true or false, got {kind_name(value)}")
+    return value
+
+
+def string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name}: must be a string, got {kind_name(value)}")
+    return value
+
+
+def strings(name: str, value: Any) -> list[str]:
+    """A string or an array of strings (OpenAI's ``stop``)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidRequest(f"{name}: must be a string or an array of strings, got {kind_name(value)}")
+    return value
+
+
+def token_ids(name: str, value: Any) -> list[int]:
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{name}: must be an array of token ids, got {kind_name(value)}")
+    return [integer(f"{name}[{i}]", item, 0, UINT32) for i, item in enumerate(value)]
+
+
+# Sampling and stopping fields every generation route takes: name -> (where in the request, parser).
+Setter = Callable[[pb.GenerateRequest, str, Any], None]
+
+
+def _sampling(name: str, parse: Callable[[str, Any], Any]) -> Setter:
+    def set_(request: pb.GenerateRequest, given: str, value: Any) -> None:
+        setattr(request.sampling, name, parse(given, value))
+
+    return set_
+
+
+def _stopping(name: str, parse: Callable[[str, Any], Any]) -> Setter:
+    def set_(request: pb.GenerateRequest, given: str, value: Any) -> None:
+        parsed = parse(given, value)
+        if isinstance(parsed, list):
+            getattr(request.stopping, name).extend(parsed)
+        else:
+            setattr(request.stopping, name, parsed)
+
+    return set_
+
+
+def _n(request: pb.GenerateRequest, given: str, value: Any) -> None:
+    request.n = integer(given, value, 0, UINT32)
+
+
+SAMPLING: dict[str, Setter] = {
+    "temperature": _sampling("temperature", number),
+    "top_p": _sampling("top_p", number),
+    "top_k": _sampling("top_k", lambda n, v: integer(n, v, -INT32, INT32 - 1)),
+    "min_p": _sampling("min_p", number),
+    "seed": _sampling("seed", lambda n, v: integer(n, v, -INT64, INT64 - 1)),
+    "repetition_penalty": _sampling("repetition_penalty", number),
+    "presence_penalty": _sampling("presence_penalty", number),
+    "frequency_penalty": _sampling("frequency_penalty", number),
+    "max_tokens": _stopping("max_tokens", lambda n, v: integer(n, v, 0, UINT32)),
+    "min_tokens": _stopping("min_tokens", lambda n, v: integer(n, v, 0, UINT32)),
+    "stop": _stopping("stop", strings),
+    "stop_token_ids": _stopping("stop_token_ids", token_ids),
+    "ignore_eos": _stopping("ignore_eos", boolean),
+    "include_stop_str_in_output": _stopping("include_stop_str_in_output", boolean),
+    "n": _n,
+}
+# Accepted and ignored: OpenAI fields that say nothing about generation here.
+IGNORED = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls", "skip_special_tokens"})
+
+
+@dataclass
+class HttpRequest:
+    """A route's body as a ``GenerateRequest``, with what the HTTP answer needs besides."""
+
+    request: pb.GenerateRequest
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False  # chat: logprobs in the answer
+    top_logprobs: int = 0
+    echo_names: dict[str, str] = field(default_factory=dict)  # validation's field path -> the body's name
+
+
+def check_fields(body: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed - IGNORED)
+    if unknown:
+        raise InvalidRequest(
+            f"{unknown[0]}: unknown field (this route takes {', '.join(sorted(allowed - {'model'}))}, and model)"
+        )
+
+
+def apply_sampling(request: pb.GenerateRequest, body: Mapping[str, Any], renames: Mapping[str, str]) -> None:
+    """Set the sampling and stopping fields present (and not null) in ``body``; ``renames``
+    maps a body name to the field it sets (``max_completion_tokens`` -> ``max_tokens``)."""
+    for given, value in body.items():
+        name = renames.get(given, given)
+        if value is None or name not in SAMPLING:
+            continue
+        SAMPLING[name](request, given, value)
+
+
+def must_be_null_or(body: Mapping[str, Any], name: str, allowed: Any, what: str) -> None:
+    value = body.get(name)
+    if value is not None and value != allowed:
+        raise InvalidRequest(f"{name}: {what}")
+
+
+def stream_fields(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    stream = boolean("stream", body["stream"]) if body.get("stream") is not None else False
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise InvalidRequest(f"stream_options: must be an object, got {kind_name(options)}")
+        if not stream:
+            raise InvalidRequest("stream_options: only allowed with stream: true")
+        for key, value in options.items():
+            if key == "include_usage":
+                include_usage = boolean("stream_options.include_usage", value)
+            elif key != "continuous_usage_stats":
+                raise InvalidRequest(f"stream_options.{key}: unknown field (allowed: include_usage)")
+    return stream, include_usage
+
+
+def model_field(body: Mapping[str, Any]) -> str | None:
+    value = body.get("model")
+    return None if value is None else string("model", value)
+
+
+def message_list(value: Any, name: str = "messages") -> pb.ChatMessages:
+    """OpenAI chat messages: ``content`` a string or text parts; ``developer`` is ``system``."""
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{name}: must be an array of messages, got {kind_name(value)}")
+    messages = pb.ChatMessages()
+    for i, message in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"{where}: must be an object with role and content, got {kind_name(message)}")
+        role = string(f"{where}.role", message.get("role"))
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise InvalidRequest(f"{where}.content[{j}].type: {kind!r} is not supported (allowed: text)")
+                texts.append(string(f"{where}.content[{j}].text", part.get("text")))
+            content = "".join(texts)
+        elif content is None:
+            content = ""
+        else:
+            content = string(f"{where}.content", content)
+        messages.messages.add(role="system" if role == "developer" else role, content=content)
+    return messages
+
+
+def completion_request(body: Mapping[str, Any]) -> HttpRequest:
+    """``POST /v1/completions``."""
+    allowed = {"model", "prompt", "stream", "stream_options", "logprobs", "echo", "suffix", "best_of", "logit_bias"}
+    check_fields(body, allowed | set(SAMPLING))
+    request = pb.GenerateRequest()
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(item, str | list) for item in prompt):
+        raise InvalidRequest(f"prompt: one prompt per request (got {len(prompt)}); send one request per prompt")
+    elif isinstance(prompt, list):
+        request.prompt_token_ids.ids.extend(token_ids("prompt", prompt))
+    elif prompt is None:
+        raise InvalidRequest("prompt: required (a string or an array of token ids)")
+    else:
+        raise InvalidRequest(f"prompt: must be a string or an array of token ids, got {kind_name(prompt)}")
+    apply_sampling(request, body, {})
+    if body.get("logprobs") is not None:
+        request.logprobs = True
+        request.top_logprobs = integer("logprobs", body["logprobs"], 0, 20)
+    must_be_null_or(body, "echo", False, "echo: true is not supported (allowed: false)")
+    must_be_null_or(body, "suffix", None, "suffix: not supported (allowed: null)")
+    must_be_null_or(body, "logit_bias", {}, "logit_bias: not supported (allowed: null or {})")
+    if body.get("best_of") is not None and body["best_of"] != body.get("n", 1):
+        raise InvalidRequest(f"best_of: must equal n ({body.get('n', 1)}), got {body['best_of']!r}")
+    stream, include_usage = stream_fields(body)
+    return HttpRequest(request, model_field(body), stream, include_usage, echo_names={"top_logprobs": "logprobs"})
+
+
+def chat_request(body: Mapping[str, Any]) -> HttpRequest:
+    """``POST /v1/chat/completions``."""
+    allowed = {
+        "model", "messages", "stream", "stream_options", "logprobs", "top_logprobs", "max_completion_tokens",
+        "response_format", "tools", "tool_choice", "logit_bias",
+    }  # fmt: skip
+    check_fields(body, allowed | set(SAMPLING))
+    if "messages" not in body:
+        raise InvalidRequest("messages: required (an array of {role, content})")
+    request = pb.GenerateRequest(messages=message_list(body["messages"]))
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise InvalidRequest("max_completion_tokens: give it or max_tokens, not both")
+    apply_sampling(request, body, {"max_completion_tokens": "max_tokens"})
+    logprobs = boolean("logprobs", body["logprobs"]) if body.get("logprobs") is not None else False
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not logprobs:
+            raise InvalidRequest("top_logprobs: needs logprobs: true")
+        request.top_logprobs = integer("top_logprobs", top, 0, UINT32)
+    request.logprobs = logprobs
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise InvalidRequest("response_format: only {'type': 'text'} is supported")
+    if body.get("tools"):
+        raise InvalidRequest("tools: tool calls are not supported yet (allowed: null or [])")
+    must_be_null_or(body, "tool_choice", "none", "tool_choice: only 'none' is supported without tools")
+    must_be_null_or(body, "logit_bias", {}, "logit_bias: not supported (allowed: null or {})")
+    stream, include_usage = stream_fields(body)
+    names = {"max_tokens": "max_completion_tokens"} if "max_completion_tokens" in body else {}
+    return HttpRequest(
+        request, model_field(body), stream, include_usage, logprobs, request.top_logprobs, echo_names=names
+    )
+
+
+WORKERS_AI_SAMPLING = (
+    "max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty",
+    "presence_penalty",
+)  # fmt: skip
+
+
+def workers_ai_request(body: Mapping[str, Any]) -> HttpRequest:
+    """``POST /ai/run/{model}``: ``prompt`` (a user message, or as it is with ``raw``) or ``messages``."""
+    allowed = {"prompt", "messages", "raw", "stream", *WORKERS_AI_SAMPLING}
+    check_fields(body, allowed)
+    raw = boolean("raw", body["raw"]) if body.get("raw") is not None else False
+    has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
+    if has_prompt == has_messages:
+        raise InvalidRequest(f"input: give exactly one of prompt, messages (got {'both' if has_prompt else 'none'})")
+    request = pb.GenerateRequest()
+    if has_prompt:
+        prompt = string("prompt", body["prompt"])
+        if raw:
+            request.prompt = prompt
+        else:
+            if not prompt:
+                raise InvalidRequest("prompt: must not be empty")
+            request.messages.messages.add(role="user", content=prompt)
+    else:
+        request.messages.CopyFrom(message_list(body["messages"]))
+    apply_sampling(request, body, {})
+    stream = boolean("stream", body["stream"]) if body.get("stream") is not None else False
+    return HttpRequest(request, None, stream)
+
+
+def param_of(message: str, names: Mapping[str, str]) -> str | None:
+    """The body field a validation message is about: ``sampling.top_p: ...`` -> ``top_p``."""
+    path = message.split(":", 1)[0] if ":" in message else ""
+    if not path or " " in path:
+        return None
+    if path in names:
+        return names[path]
+    for prefix in ("sampling.", "stopping."):
+        if path.startswith(prefix):
+            short = path.removeprefix(prefix)
+            return names.get(short, short)
+    if path == "prompt_token_ids":
+        return "prompt"
+    return path
