@@ -40,13 +40,28 @@ def number(name: str, value: Any) -> float:
     return float(value)
 
 
-def integer(name: str, value: Any, low: int, high: int) -> int:
+def whole_number(name: str, value: Any) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name}: must be an integer, got {kind_name(value)}")
+    return value
+
+
+def integer(name: str, value: Any, low: int, high: int) -> int:
+    value = whole_number(name, value)
     if not low <= value <= high:
         raise InvalidRequest(f"{name}: must be in [{low}, {high}], got {value}")
+    return value
+
+
+def unsigned(name: str, value: Any, minimum: int) -> int:
+    """An unsigned field whose smallest allowed value (``minimum``) ``server.validation`` checks."""
+    value = whole_number(name, value)
+    if value < 0:
+        raise InvalidRequest(f"{name}: must be >= {minimum}, got {value}")
+    if value > UINT32:
+        raise InvalidRequest(f"{name}: must be <= {UINT32}, got {value}")
     return value
 
 
@@ -74,7 +89,7 @@ def strings(name: str, value: Any) -> list[str]:
 def token_ids(name: str, value: Any) -> list[int]:
     if not isinstance(value, list):
         raise InvalidRequest(f"{name}: must be an array of token ids, got {kind_name(value)}")
-    return [integer(f"{name}[{i}]", item, 0, UINT32) for i, item in enumerate(value)]
+    return [unsigned(f"{name}[{i}]", item, 0) for i, item in enumerate(value)]
 
 
 # Sampling and stopping fields every generation route takes: name -> (where in the request, parser).
@@ -100,7 +115,7 @@ def _stopping(name: str, parse: Callable[[str, Any], Any]) -> Setter:
 
 
 def _n(request: pb.GenerateRequest, given: str, value: Any) -> None:
-    request.n = integer(given, value, 0, UINT32)
+    request.n = integer(given, value, 1, 16)
 
 
 SAMPLING: dict[str, Setter] = {
@@ -112,8 +127,8 @@ SAMPLING: dict[str, Setter] = {
     "repetition_penalty": _sampling("repetition_penalty", number),
     "presence_penalty": _sampling("presence_penalty", number),
     "frequency_penalty": _sampling("frequency_penalty", number),
-    "max_tokens": _stopping("max_tokens", lambda n, v: integer(n, v, 0, UINT32)),
-    "min_tokens": _stopping("min_tokens", lambda n, v: integer(n, v, 0, UINT32)),
+    "max_tokens": _stopping("max_tokens", lambda n, v: unsigned(n, v, 1)),
+    "min_tokens": _stopping("min_tokens", lambda n, v: unsigned(n, v, 0)),
     "stop": _stopping("stop", strings),
     "stop_token_ids": _stopping("stop_token_ids", token_ids),
     "ignore_eos": _stopping("ignore_eos", boolean),
@@ -223,6 +238,8 @@ def completion_request(body: Mapping[str, Any]) -> HttpRequest:
     elif isinstance(prompt, list) and prompt and all(isinstance(item, str | list) for item in prompt):
         raise InvalidRequest(f"prompt: one prompt per request (got {len(prompt)}); send one request per prompt")
     elif isinstance(prompt, list):
+        if not prompt:
+            raise InvalidRequest("prompt_token_ids: must not be empty")  # the gRPC message for the same request
         request.prompt_token_ids.ids.extend(token_ids("prompt", prompt))
     elif prompt is None:
         raise InvalidRequest("prompt: required (a string or an array of token ids)")
@@ -232,9 +249,9 @@ def completion_request(body: Mapping[str, Any]) -> HttpRequest:
     if body.get("logprobs") is not None:
         request.logprobs = True
         request.top_logprobs = integer("logprobs", body["logprobs"], 0, 20)
-    must_be_null_or(body, "echo", False, "echo: true is not supported (allowed: false)")
-    must_be_null_or(body, "suffix", None, "suffix: not supported (allowed: null)")
-    must_be_null_or(body, "logit_bias", {}, "logit_bias: not supported (allowed: null or {})")
+    must_be_null_or(body, "echo", False, "true is not supported (allowed: false)")
+    must_be_null_or(body, "suffix", None, "not supported (allowed: null)")
+    must_be_null_or(body, "logit_bias", {}, "not supported (allowed: null or {})")
     if body.get("best_of") is not None and body["best_of"] != body.get("n", 1):
         raise InvalidRequest(f"best_of: must equal n ({body.get('n', 1)}), got {body['best_of']!r}")
     stream, include_usage = stream_fields(body)
@@ -259,15 +276,15 @@ def chat_request(body: Mapping[str, Any]) -> HttpRequest:
     if top is not None:
         if not logprobs:
             raise InvalidRequest("top_logprobs: needs logprobs: true")
-        request.top_logprobs = integer("top_logprobs", top, 0, UINT32)
+        request.top_logprobs = unsigned("top_logprobs", top, 0)
     request.logprobs = logprobs
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise InvalidRequest("response_format: only {'type': 'text'} is supported")
     if body.get("tools"):
         raise InvalidRequest("tools: tool calls are not supported yet (allowed: null or [])")
-    must_be_null_or(body, "tool_choice", "none", "tool_choice: only 'none' is supported without tools")
-    must_be_null_or(body, "logit_bias", {}, "logit_bias: not supported (allowed: null or {})")
+    must_be_null_or(body, "tool_choice", "none", "only 'none' is supported without tools")
+    must_be_null_or(body, "logit_bias", {}, "not supported (allowed: null or {})")
     stream, include_usage = stream_fields(body)
     names = {"max_tokens": "max_completion_tokens"} if "max_completion_tokens" in body else {}
     return HttpRequest(
