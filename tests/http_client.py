@@ -33,7 +33,7 @@ def request(
 ) -> Reply:
     """One request; ``body`` is sent as JSON, ``raw`` as it is."""
     parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     sent = {"Content-Type": "application/json"} if payload is not None else {}
     sent.update(headers or {})

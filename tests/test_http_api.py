@@ -11,12 +11,16 @@ from typing import Any
 import openai
 import pytest
 from mistralserve.v1 import generation_pb2 as pb
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.http_client import request, sse
 from tests.server_process import ServerProcess
 
 PROMPT = "The quick brown fox"
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+CHAT: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Tell me a story."},
+]
 
 
 def grpc_generate(server: ServerProcess, **fields: Any) -> pb.GenerateResponse:
@@ -25,7 +29,7 @@ def grpc_generate(server: ServerProcess, **fields: Any) -> pb.GenerateResponse:
     return response
 
 
-def grpc_chat(server: ServerProcess, messages: list[dict[str, str]], **fields: Any) -> pb.GenerateResponse:
+def grpc_chat(server: ServerProcess, messages: Any, **fields: Any) -> pb.GenerateResponse:
     chat = pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in messages])
     return grpc_generate(server, messages=chat, **fields)
 
@@ -85,7 +89,7 @@ def test_openai_sdk_chat_equals_grpc(server: ServerProcess, model_name: str) -> 
     client = sync_client(server)
     whole = client.chat.completions.create(
         model=model_name, messages=CHAT, max_completion_tokens=24, temperature=0, user="ignored"
-    )  # type: ignore[call-overload]
+    )
     assert whole.object == "chat.completion"
     assert whole.choices[0].message.role == "assistant"
     assert whole.choices[0].message.content == want.text
@@ -103,7 +107,7 @@ def test_openai_sdk_chat_equals_grpc(server: ServerProcess, model_name: str) -> 
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
-    )  # type: ignore[call-overload]
+    )
     chunks = list(stream)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert deltas[0].role == "assistant" and all(d.role is None for d in deltas[1:])
@@ -117,11 +121,11 @@ def test_openai_async_sdk_streams_and_samples(server: ServerProcess, model_name:
 
     async def run() -> tuple[str, str, list[str], list[str]]:
         async with openai.AsyncOpenAI(base_url=server.http_url + "/v1", api_key="x", max_retries=0) as client:
-            whole = await client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=24, temperature=0)  # type: ignore[call-overload]
+            whole = await client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=24, temperature=0)
             text = ""
             stream = await client.chat.completions.create(
                 model=model_name, messages=CHAT, max_tokens=24, temperature=0, stream=True
-            )  # type: ignore[call-overload]
+            )
             async for chunk in stream:
                 text += chunk.choices[0].delta.content or ""
             # n samples with seeds: reproducible, and each sample its own
@@ -181,9 +185,10 @@ def test_stop_strings_and_logprobs(server: ServerProcess, model_name: str) -> No
     assert all(len(top) <= 3 for top in logprobs.top_logprobs)
     chat = client.chat.completions.create(
         model=model_name, messages=CHAT, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
-    )  # type: ignore[call-overload]
+    )
+    assert chat.choices[0].logprobs is not None and chat.usage is not None
     content = chat.choices[0].logprobs.content
-    assert len(content) == chat.usage.completion_tokens  # type: ignore[union-attr]
+    assert content is not None and len(content) == chat.usage.completion_tokens
     assert all(len(item.top_logprobs) == 2 and item.logprob <= 0 for item in content)
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy: the top token
 

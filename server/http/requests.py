@@ -45,24 +45,24 @@ def whole_number(name: str, value: Any) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name}: must be an integer, got {kind_name(value)}")
-    return value
+    return int(value)
 
 
 def integer(name: str, value: Any, low: int, high: int) -> int:
-    value = whole_number(name, value)
-    if not low <= value <= high:
-        raise InvalidRequest(f"{name}: must be in [{low}, {high}], got {value}")
-    return value
+    number = whole_number(name, value)
+    if not low <= number <= high:
+        raise InvalidRequest(f"{name}: must be in [{low}, {high}], got {number}")
+    return number
 
 
 def unsigned(name: str, value: Any, minimum: int) -> int:
     """An unsigned field whose smallest allowed value (``minimum``) ``server.validation`` checks."""
-    value = whole_number(name, value)
-    if value < 0:
-        raise InvalidRequest(f"{name}: must be >= {minimum}, got {value}")
-    if value > UINT32:
-        raise InvalidRequest(f"{name}: must be <= {UINT32}, got {value}")
-    return value
+    number = whole_number(name, value)
+    if number < 0:
+        raise InvalidRequest(f"{name}: must be >= {minimum}, got {number}")
+    if number > UINT32:
+        raise InvalidRequest(f"{name}: must be <= {UINT32}, got {number}")
+    return number
 
 
 def boolean(name: str, value: Any) -> bool:
