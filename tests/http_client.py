@@ -62,9 +62,11 @@ async def sse(
     *,
     close_after_events: int | None = None,
     headers: dict[str, str] | None = None,
+    first_event: asyncio.Event | None = None,
 ) -> Stream:
     """POST ``body`` and read the event stream (HTTP/1.0: the body ends when the server closes);
-    with ``close_after_events`` the client closes the connection after that many events."""
+    with ``close_after_events`` the client closes the connection after that many events;
+    ``first_event`` is set when the first event arrives."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body).encode()
     head = [f"POST {path} HTTP/1.0", "Host: 127.0.0.1", "Content-Type: application/json"]
@@ -89,6 +91,8 @@ async def sse(
                     events.append(text[len("data: ") :])
                 else:
                     events.append(text)  # an error body is not an event: kept for the assertion message
+                if first_event is not None:
+                    first_event.set()
                 if close_after_events is not None and len(events) >= close_after_events:
                     return Stream(status, events, closed_early=True)
         if buffer.strip():
