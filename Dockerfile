@@ -52,6 +52,6 @@ VOLUME ["/models"]
 
 USER 10001:10001
 # gRPC, plaintext health (kubelet probes), Prometheus metrics.
-EXPOSE 50051 50052 9400
+EXPOSE 50051 8000 50052 9400
 ENTRYPOINT ["mistral-serve"]
 CMD ["serve"]

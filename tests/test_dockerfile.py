@@ -102,7 +102,7 @@ def test_exposed_ports_are_the_charts_server_ports() -> None:
     (exposed,) = arguments("EXPOSE")
     server = VALUES["server"]
     assert sorted(int(port) for port in exposed.split()) == sorted(
-        [server["port"], server["healthPort"], server["metricsPort"]]
+        [server["port"], server["httpPort"], server["healthPort"], server["metricsPort"]]
     )
 
 

@@ -213,6 +213,7 @@ def test_probes_are_native_grpc_on_numeric_container_ports(values_file: Path) ->
     env = env_of(container)
     assert ports == {
         "grpc": int(env["MISTRALSERVE_PORT"]),
+        "http": int(env["MISTRALSERVE_HTTP_PORT"]),
         "health": int(env["MISTRALSERVE_HEALTH_PORT"]),
         "metrics": int(env["MISTRALSERVE_METRICS_PORT"]),
     }
@@ -302,6 +303,7 @@ def test_every_server_setting_reaches_the_server_with_its_value() -> None:
     args = build_parser(env).parse_args(["serve"])
     assert (args.max_num_seqs, args.kv_cache_memory, args.enable_prefix_caching) == (7, 3 << 30, False)
     assert (args.log_level, args.port, args.health_port, args.metrics_port) == ("debug", 50051, 50052, 9400)
+    assert args.http_port == 8000 and args.served_model_name == ()
     assert args.cache_dir == Path("/models") and args.model is None  # the default model, fetched at start
 
 
@@ -328,16 +330,40 @@ def test_the_default_model_is_fetched_into_the_volume_by_an_init_container() -> 
     assert build_parser(env_of(init)).parse_args(["fetch-model"]).cache_dir == Path("/models")
 
 
-def test_service_exposes_grpc_and_metrics_by_port_name() -> None:
+def test_service_exposes_grpc_http_and_metrics_by_port_name() -> None:
     objects = render()
     service = only(objects, "Service")
     container = server_container(objects)
     container_ports = {port["name"] for port in container["ports"]}
-    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"grpc": "grpc", "metrics": "metrics"}
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
+        "grpc": "grpc",
+        "http": "http",
+        "metrics": "metrics",
+    }
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["http"] == 8000
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
     labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert "clusterIP" not in service["spec"]
+
+
+def test_http_port_0_turns_the_http_front_end_off_everywhere() -> None:
+    values = {"server": {"httpPort": 0}, "networkPolicy": {"enabled": True}}
+    objects = render(values)
+    container = server_container(objects)
+    assert "http" not in {port["name"] for port in container["ports"]}
+    assert "http" not in {port["name"] for port in only(objects, "Service")["spec"]["ports"]}
+    rules = only(objects, "NetworkPolicy")["spec"]["ingress"]
+    assert "http" not in {port["port"] for rule in rules for port in rule["ports"]}
+    assert build_parser(env_of(container)).parse_args(["serve"]).http_port == 0
+
+
+def test_served_model_name_aliases_reach_the_server() -> None:
+    values = {"server": {"servedModelName": "mistral-7b-instruct,@cf/mistral/mistral-7b-instruct-v0.1"}}
+    args = build_parser(env_of(server_container(render(values)))).parse_args(["serve"])
+    assert args.served_model_name == ("mistral-7b-instruct", "@cf/mistral/mistral-7b-instruct-v0.1")
+    given = build_parser(env_of(server_container(render(values)))).parse_args(["serve", "--served-model-name", "x"])
+    assert given.served_model_name == ("x",)  # the command line replaces the environment's list
 
 
 def test_headless_service_for_client_side_balancing() -> None:
@@ -390,10 +416,10 @@ def test_dashboard_configmap_ships_the_repository_dashboard() -> None:
     assert shipped == json.loads((CHART / "dashboards" / "mistral-serve.json").read_text())
 
 
-def test_network_policy_opens_exactly_the_three_ports() -> None:
+def test_network_policy_opens_exactly_the_four_ports() -> None:
     policy = only(render_scenario("monitoring"), "NetworkPolicy")
     rules = policy["spec"]["ingress"]
-    assert [rule["ports"][0]["port"] for rule in rules] == ["grpc", "metrics", "health"]
+    assert [rule["ports"][0]["port"] for rule in rules] == ["grpc", "http", "metrics", "health"]
     assert rules[0]["from"] == [{"podSelector": {"matchLabels": {"mistral-serve-client": "true"}}}]
     assert policy["spec"]["policyTypes"] == ["Ingress"]
 
