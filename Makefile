@@ -61,13 +61,16 @@ typecheck: install
 unit: install
 	$(BIN)/pytest
 
-# promtool and prometheus (Debian's `prometheus` package): the metrics tests run them.
+# Debian packages the tests run: promtool and prometheus (the metrics tests), chromium and
+# chromium-driver (the playground page in a real browser), curl (the README's Workers AI call).
+TEST_PACKAGES := prometheus chromium chromium-driver curl
 test-deps:
-	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v chromium >/dev/null \
+		&& command -v chromedriver >/dev/null && command -v curl >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	else echo "the tests need Debian's prometheus package: sudo apt-get install prometheus" >&2; exit 1; fi
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; \
+	else echo "the tests need Debian's packages $(TEST_PACKAGES): sudo apt-get install $(TEST_PACKAGES)" >&2; exit 1; fi
 
 test: fetch-model test-deps lint typecheck unit
 
