@@ -1,12 +1,14 @@
-"""gRPC load test on loopback: workload W through a real server at N = 1, 8, 32, 64 streams.
+"""Load test on loopback: workload W through a real server at N = 1, 8, 32, 64 streams, over
+gRPC (``GenerateStream``) and HTTP (``/v1/completions`` with ``stream: true``, server-sent events).
 
-For each N, ``min(64, 2N)`` requests of W (128 random prompt tokens, exactly 128 greedy
-generated tokens) run with at most N streams open at once. Reported per N: output tokens
-per second, time to first token and inter-token latency (p50, p99), and the status codes.
-The same 64-request workload also runs through the in-process engine (no gRPC) first, in
-the same run; the N = 64 throughput is compared with it.
+For each N and protocol, ``min(64, 2N)`` requests of W (128 random prompt tokens, exactly 128
+greedy generated tokens) run with at most N streams open at once. Reported per N: output tokens
+per second, time to first token and inter-token latency (p50, p99), and the statuses. The same
+64-request workload also runs through the in-process engine (no server) first, in the same run;
+the N = 64 throughput of each protocol is compared with it. Over HTTP the token count is the
+final usage chunk's; TTFT and ITL are measured between events that carry text.
 
-    .venv/bin/python -m bench.load [--concurrency 1 8 32 64]
+    .venv/bin/python -m bench.load [--concurrency 1 8 32 64] [--protocol grpc http]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import os
 import time
 import warnings
@@ -80,10 +83,61 @@ async def load(target: str, workload: list[list[int]], concurrency: int) -> Run:
     return run
 
 
+async def load_http(port: int, workload: list[list[int]], concurrency: int) -> Run:
+    run = Run()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: list[int]) -> None:
+        body = json.dumps(
+            {
+                "prompt": prompt,
+                "max_tokens": OUTPUT,
+                "min_tokens": OUTPUT,
+                "ignore_eos": True,
+                "temperature": 0.0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode()
+        async with gate:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            head = f"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+            writer.write(head.encode() + b"\r\n\r\n" + body)
+            last = time.perf_counter()
+            seen_token = False
+            status = (await reader.readline()).split()[1].decode()
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            buffer = b""
+            while chunk := await reader.read(65536):
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    block, buffer = buffer.split(b"\n\n", 1)
+                    data = block.removeprefix(b"data: ")
+                    if data == b"[DONE]":
+                        continue
+                    payload = json.loads(data)
+                    now = time.perf_counter()
+                    if payload.get("usage"):
+                        run.tokens += payload["usage"]["completion_tokens"]
+                    if any(choice["text"] for choice in payload.get("choices", [])):
+                        (run.itl if seen_token else run.ttft).append(now - last)
+                        seen_token = True
+                        last = now
+            writer.close()
+            run.codes["200" if status == "200" else status] += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in workload))
+    run.elapsed = time.perf_counter() - start
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--protocol", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -101,27 +155,35 @@ def main() -> None:
     )  # fmt: skip
     try:
         server.wait_serving()
-        results = {}
+        results: dict[tuple[int, str], Run] = {}
         for n in args.concurrency:
-            results[n] = asyncio.run(load(server.target, workload[: min(REQUESTS, 2 * n)], n))
+            for protocol in args.protocol:
+                requests = workload[: min(REQUESTS, 2 * n)]
+                if protocol == "grpc":
+                    results[n, protocol] = asyncio.run(load(server.target, requests, n))
+                else:
+                    results[n, protocol] = asyncio.run(load_http(server.http_port or 0, requests, n))
     finally:
         server.close()
 
-    print(f"W over gRPC on loopback, default model, {dtype}, {args.threads} threads")
+    print(f"W on loopback, default model, {dtype}, {args.threads} threads")
     print(f"in-process engine on the same 64 requests: {in_process:.1f} output tokens/s")
-    print("| streams | requests | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | status codes |")
-    print("| ---: | ---: | ---: | ---: | ---: | --- |")
-    for n, run in results.items():
+    print("| streams | protocol | requests | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | statuses |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | --- |")
+    for (n, protocol), run in results.items():
         codes = ", ".join(f"{code} {count}" for code, count in sorted(run.codes.items()))
         print(
-            f"| {n} | {min(REQUESTS, 2 * n)} | {run.tokens / run.elapsed:.1f} | "
+            f"| {n} | {protocol} | {min(REQUESTS, 2 * n)} | {run.tokens / run.elapsed:.1f} | "
             f"{percentile(run.ttft, 0.5):.2f} / {percentile(run.ttft, 0.99):.2f} | "
             f"{1000 * percentile(run.itl, 0.5):.0f} / {1000 * percentile(run.itl, 0.99):.0f} | {codes} |"
         )
-    if REQUESTS in results:
-        full = results[REQUESTS]
-        share = full.tokens / full.elapsed / in_process
-        print(f"\nend-to-end at {REQUESTS} streams: {share:.1%} of the in-process engine's throughput")
+    print()
+    for (n, protocol), run in results.items():
+        if n == REQUESTS:
+            share = run.tokens / run.elapsed / in_process
+            print(
+                f"end-to-end at {REQUESTS} streams over {protocol}: {share:.1%} of the in-process engine's throughput"
+            )
 
 
 if __name__ == "__main__":
