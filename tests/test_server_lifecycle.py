@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
+import ssl
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,6 +17,7 @@ from mistralserve.v1 import generation_pb2 as pb
 from mistralserve.v1 import generation_pb2_grpc as pb_grpc
 
 from tests.certificates import Pki, make_pki
+from tests.http_client import request
 from tests.server_process import ServerProcess
 
 LONG = pb.StoppingOptions(max_tokens=400, ignore_eos=True)
@@ -131,6 +136,22 @@ def generate(
         return response
 
 
+def https_completion(server: ServerProcess, pki: Pki, client_cert: bool = False) -> dict[str, Any]:
+    """POST /v1/completions over TLS to the HTTP port, trusting the test CA (host name localhost)."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client_cert:
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    connection = http.client.HTTPSConnection("localhost", server.http_port, timeout=30, context=context)
+    try:
+        body = json.dumps({"prompt": "secure", "max_tokens": 3, "ignore_eos": True})
+        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        return dict(json.loads(response.read()))
+    finally:
+        connection.close()
+
+
 @pytest.mark.slow
 def test_tls(tiny_checkpoint: Path, pki: Pki) -> None:
     server = ServerProcess(tiny_checkpoint, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
@@ -143,6 +164,10 @@ def test_tls(tiny_checkpoint: Path, pki: Pki) -> None:
         with pytest.raises(grpc.RpcError) as untrusted:
             generate(server, tls(pki, ca=pki.other_ca))
         assert untrusted.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the HTTP front-end: the same certificate, no plaintext
+        assert https_completion(server, pki)["usage"]["completion_tokens"] == 3
+        with pytest.raises(http.client.RemoteDisconnected):
+            request(server.http_url, "/v1/completions", {"prompt": "plain", "max_tokens": 2})
     finally:
         server.close()
 
@@ -157,6 +182,9 @@ def test_mutual_tls(tiny_checkpoint: Path, pki: Pki) -> None:
         with pytest.raises(grpc.RpcError) as no_client_cert:
             generate(server, tls(pki))
         assert no_client_cert.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert https_completion(server, pki, client_cert=True)["usage"]["completion_tokens"] == 3
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            https_completion(server, pki)
         # The kubelet's probes: plaintext, no client certificate, on the health-only port.
         assert server.health_port not in (None, server.port)
         assert server.plaintext_health() == "SERVING"
