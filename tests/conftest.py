@@ -52,3 +52,14 @@ def long_server(long_tiny_checkpoint: Path) -> Iterator[ServerProcess]:
         yield process
     finally:
         process.close()
+
+
+@pytest.fixture(scope="session")
+def default_server(default_model_path: Path) -> Iterator[ServerProcess]:
+    """A server on the default model with room for 64 streams (the HTTP load and playground tests)."""
+    process = ServerProcess(default_model_path, "--kv-cache-memory", "512MiB")
+    try:
+        process.wait_serving(timeout=600)
+        yield process
+    finally:
+        process.close()

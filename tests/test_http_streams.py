@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,6 @@ def free_blocks(server: ServerProcess) -> tuple[int, int]:
     with server.channel() as channel:
         info = server.stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     return info.kv_cache_free_blocks, info.kv_cache_blocks
-
-
-@pytest.fixture(scope="module")
-def default_server(default_model_path: Path) -> Iterator[ServerProcess]:
-    process = ServerProcess(default_model_path, "--kv-cache-memory", "512MiB")
-    try:
-        process.wait_serving(timeout=600)
-        yield process
-    finally:
-        process.close()
 
 
 @pytest.mark.slow

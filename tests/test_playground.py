@@ -21,16 +21,6 @@ from tests.server_process import ServerProcess
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
-@pytest.fixture(scope="module")
-def default_server(default_model_path: Path) -> Iterator[ServerProcess]:
-    process = ServerProcess(default_model_path, "--kv-cache-memory", "256MiB")
-    try:
-        process.wait_serving(timeout=600)
-        yield process
-    finally:
-        process.close()
-
-
 @pytest.fixture
 def browser() -> Iterator[webdriver.Chrome]:
     assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "make test-deps installs chromium and chromium-driver"

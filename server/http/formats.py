@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from scheduler.request import FinishReason, RequestOutput, TokenLogprobs
@@ -93,48 +94,27 @@ class Format:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-@dataclass
-class _Offsets:
-    """Completions logprobs' ``text_offset``: where each sample's next token starts."""
-
-    by_index: dict[int, int] = field(default_factory=dict)
+def finish(reason: FinishReason | None) -> str | None:
+    return None if reason is None else FINISH.get(reason, "error")
 
 
-class CompletionFormat(Format):
-    """``/v1/completions``."""
+class OpenAIFormat(Format):
+    """What OpenAI's completions and chat answers share: the envelope, usage, the stream's end."""
 
-    def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
-        super().__init__(request, request_id, model, tokenizer)
-        self.offsets = _Offsets()
+    id_prefix = ""
+    whole_object = ""
+    chunk_object = ""
 
-    def _logprobs(self, index: int, entries: tuple[TokenLogprobs, ...] | list[TokenLogprobs]) -> Any:
-        if not self.request.request.logprobs:
-            return None
-        tokens, chosen, tops, offsets = [], [], [], []
-        offset = self.offsets.by_index.get(index, 0)
-        for entry in entries:
-            text = self.token_text(entry.chosen.token_id)
-            tokens.append(text)
-            chosen.append(entry.chosen.logprob)
-            tops.append({self.token_text(t.token_id): t.logprob for t in entry.top} or None)
-            offsets.append(offset)
-            offset += len(text)
-        self.offsets.by_index[index] = offset
-        return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+    def choice(self, output: RequestOutput) -> dict[str, Any]:
+        raise NotImplementedError
 
-    def _choice(self, index: int, text: str, logprobs: Any, reason: FinishReason | None, stop: Any) -> dict[str, Any]:
+    def whole_choice(self, completion: Completion) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
-            "index": index,
-            "text": text,
-            "logprobs": logprobs,
-            "finish_reason": None if reason is None else FINISH.get(reason, "error"),
-            "stop_reason": stop,
-        }
-
-    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": f"cmpl-{self.request_id}",
-            "object": "text_completion",
+            "id": f"{self.id_prefix}{self.request_id}",
+            "object": kind,
             "created": self.created,
             "model": self.model,
             "choices": choices,
@@ -142,17 +122,7 @@ class CompletionFormat(Format):
 
     def chunks(self, output: RequestOutput) -> list[bytes]:
         self.usage.add(output)
-        chunk = self._envelope(
-            [
-                self._choice(
-                    output.index,
-                    output.text,
-                    self._logprobs(output.index, output.logprobs),
-                    output.finish_reason,
-                    output.stop_reason,
-                )
-            ]
-        )
+        chunk = self._envelope(self.chunk_object, [self.choice(output)])
         if self.request.include_usage:
             chunk["usage"] = None
         return [event(chunk)]
@@ -160,19 +130,61 @@ class CompletionFormat(Format):
     def end(self) -> list[bytes]:
         if not self.request.include_usage:
             return [DONE]
-        return [event({**self._envelope([]), "usage": self.usage.json()}), DONE]
+        return [event({**self._envelope(self.chunk_object, []), "usage": self.usage.json()}), DONE]
 
     def whole(self, collected: Collected) -> dict[str, Any]:
         usage = Usage(collected.prompt_tokens, collected.completion_tokens, collected.cached_tokens)
-        choices = [
-            self._choice(c.index, c.text, self._logprobs(c.index, c.logprobs), c.finish_reason, c.stop_reason)
-            for c in collected.completions
-        ]
-        return {**self._envelope(choices), "usage": usage.json()}
+        choices = [self.whole_choice(c) for c in collected.completions]
+        return {**self._envelope(self.whole_object, choices), "usage": usage.json()}
 
 
-class ChatFormat(Format):
+class CompletionFormat(OpenAIFormat):
+    """``/v1/completions``."""
+
+    id_prefix, whole_object, chunk_object = "cmpl-", "text_completion", "text_completion"
+
+    def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
+        super().__init__(request, request_id, model, tokenizer)
+        self.offsets: dict[int, int] = {}  # logprobs' text_offset: where each sample's next token starts
+
+    def _logprobs(self, index: int, entries: Sequence[TokenLogprobs]) -> Any:
+        if not self.request.request.logprobs:
+            return None
+        tokens, chosen, tops, offsets = [], [], [], []
+        offset = self.offsets.get(index, 0)
+        for entry in entries:
+            text = self.token_text(entry.chosen.token_id)
+            tokens.append(text)
+            chosen.append(entry.chosen.logprob)
+            tops.append({self.token_text(t.token_id): t.logprob for t in entry.top} or None)
+            offsets.append(offset)
+            offset += len(text)
+        self.offsets[index] = offset
+        return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+
+    def _choice(
+        self, index: int, text: str, entries: Sequence[TokenLogprobs], reason: FinishReason | None, stop: Any
+    ) -> dict[str, Any]:
+        logprobs = self._logprobs(index, entries)
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": finish(reason),
+            "stop_reason": stop,
+        }
+
+    def choice(self, output: RequestOutput) -> dict[str, Any]:
+        return self._choice(output.index, output.text, output.logprobs, output.finish_reason, output.stop_reason)
+
+    def whole_choice(self, c: Completion) -> dict[str, Any]:
+        return self._choice(c.index, c.text, c.logprobs, c.finish_reason, c.stop_reason)
+
+
+class ChatFormat(OpenAIFormat):
     """``/v1/chat/completions``."""
+
+    id_prefix, whole_object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
         super().__init__(request, request_id, model, tokenizer)
@@ -182,7 +194,7 @@ class ChatFormat(Format):
         text = self.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    def _logprobs(self, entries: tuple[TokenLogprobs, ...] | list[TokenLogprobs]) -> Any:
+    def _logprobs(self, entries: Sequence[TokenLogprobs]) -> Any:
         if not self.request.logprobs:
             return None
         content = []
@@ -192,53 +204,25 @@ class ChatFormat(Format):
             content.append(item)
         return {"content": content}
 
-    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": f"chatcmpl-{self.request_id}",
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    @staticmethod
-    def _reason(reason: FinishReason | None) -> str | None:
-        return None if reason is None else FINISH.get(reason, "error")
-
-    def chunks(self, output: RequestOutput) -> list[bytes]:
-        self.usage.add(output)
+    def choice(self, output: RequestOutput) -> dict[str, Any]:
         delta: dict[str, Any] = {"content": output.text}
         if output.index not in self.started:
             self.started.add(output.index)
             delta = {"role": "assistant", **delta}
-        choice = {
+        return {
             "index": output.index,
             "delta": delta,
             "logprobs": self._logprobs(output.logprobs),
-            "finish_reason": self._reason(output.finish_reason),
+            "finish_reason": finish(output.finish_reason),
             "stop_reason": output.stop_reason,
         }
-        chunk = self._envelope("chat.completion.chunk", [choice])
-        if self.request.include_usage:
-            chunk["usage"] = None
-        return [event(chunk)]
 
-    def end(self) -> list[bytes]:
-        if not self.request.include_usage:
-            return [DONE]
-        return [event({**self._envelope("chat.completion.chunk", []), "usage": self.usage.json()}), DONE]
-
-    def whole(self, collected: Collected) -> dict[str, Any]:
-        usage = Usage(collected.prompt_tokens, collected.completion_tokens, collected.cached_tokens)
-        choices = [self._message(c) for c in collected.completions]
-        return {**self._envelope("chat.completion", choices), "usage": usage.json()}
-
-    def _message(self, completion: Completion) -> dict[str, Any]:
+    def whole_choice(self, completion: Completion) -> dict[str, Any]:
         return {
             "index": completion.index,
             "message": {"role": "assistant", "content": completion.text},
             "logprobs": self._logprobs(completion.logprobs),
-            "finish_reason": self._reason(completion.finish_reason),
+            "finish_reason": finish(completion.finish_reason),
             "stop_reason": completion.stop_reason,
         }
 
