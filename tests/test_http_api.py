@@ -119,7 +119,7 @@ def test_openai_sdk_chat_equals_grpc(server: ServerProcess, model_name: str) -> 
 def test_openai_async_sdk_streams_and_samples(server: ServerProcess, model_name: str) -> None:
     expected = grpc_chat(server, CHAT, **GREEDY).completions[0].text
 
-    async def run() -> tuple[str, str, list[str], list[str]]:
+    async def run() -> tuple[str, str, list[str], list[str], str]:
         async with openai.AsyncOpenAI(base_url=server.http_url + "/v1", api_key="x", max_retries=0) as client:
             whole = await client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=24, temperature=0)
             text = ""
@@ -128,6 +128,11 @@ def test_openai_async_sdk_streams_and_samples(server: ServerProcess, model_name:
             )
             async for chunk in stream:
                 text += chunk.choices[0].delta.content or ""
+            completion = ""
+            async for piece in await client.completions.create(
+                model=model_name, prompt=PROMPT, max_tokens=24, temperature=0, stream=True
+            ):
+                completion += piece.choices[0].text
             # n samples with seeds: reproducible, and each sample its own
             seeded = [
                 await client.completions.create(
@@ -137,10 +142,11 @@ def test_openai_async_sdk_streams_and_samples(server: ServerProcess, model_name:
             ]
             first = [c.text for c in sorted(seeded[0].choices, key=lambda c: c.index)]
             second = [c.text for c in sorted(seeded[1].choices, key=lambda c: c.index)]
-            return whole.choices[0].message.content or "", text, first, second
+            return whole.choices[0].message.content or "", text, first, second, completion
 
-    whole, streamed, first, second = asyncio.run(run())
+    whole, streamed, first, second, completion = asyncio.run(run())
     assert whole == expected and streamed == expected
+    assert completion == grpc_generate(server, prompt=PROMPT, **GREEDY).completions[0].text
     assert first == second and len(first) == 3
 
 
