@@ -100,14 +100,16 @@ class EngineClient:
     # -- life ----------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, options: RuntimeOptions, log_level: str, log_format: str) -> EngineClient:
+    async def start(
+        cls, options: RuntimeOptions, log_level: str, log_format: str, debug_heap: bool = False
+    ) -> EngineClient:
         """Spawn the core, wait until it has loaded the model; raise what made it fail."""
         ours, theirs = socket.socketpair()
         context = multiprocessing.get_context("spawn")
         core_options = replace(options, max_queued_requests=sys.maxsize)  # the bound is kept here
         process = context.Process(
             target=run_engine_core,
-            args=(core_options, log_level, log_format, theirs),
+            args=(core_options, log_level, log_format, theirs, debug_heap),
             name="mistral-serve-engine-core",
             daemon=True,
         )

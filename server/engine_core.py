@@ -22,6 +22,7 @@ import structlog
 from model.config import CheckpointError
 from scheduler.engine import Engine
 from scheduler.request import FinishReason, RequestOutput
+from server import heap_debug
 from server.engine_protocol import (
     HEADER,
     Abort,
@@ -133,10 +134,14 @@ class EngineCore:
         self.sock.sendall(frame(update))
 
 
-def run_engine_core(options: RuntimeOptions, log_level: str, log_format: str, sock: socket.socket) -> None:
+def run_engine_core(
+    options: RuntimeOptions, log_level: str, log_format: str, sock: socket.socket, debug_heap: bool = False
+) -> None:
     """The process entry point (``multiprocessing`` target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(log_level, log_format, sys.stdout)
+    if debug_heap:
+        heap_debug.install("engine-core")
     try:
         runtime = build_runtime(options)
     except (CheckpointError, ValueError) as exc:

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from scheduler.engine import EngineStats, StepRecord
 from scheduler.request import FinishedRequest, FinishReason
+from server.heap_debug import resident_bytes
 
 PREFIX = "mistralserve_"
 # vLLM's bucket boundaries
@@ -141,6 +142,13 @@ class _EngineCollector(Collector):
                       stats.prefix_hit_tokens - base.prefix_hit_tokens)  # fmt: skip
         yield counter("sliding_window_released_blocks", "KV blocks released behind a sliding window.",
                       stats.window_released_blocks - base.window_released_blocks)  # fmt: skip
+        process = getattr(engine, "process", None)  # the engine core's process (not the in-process engine)
+        if process is not None and process.pid is not None:
+            yield gauge(
+                "engine_core_resident_memory_bytes",
+                "Resident memory of the engine core process (process_resident_memory_bytes is the front-end's).",
+                resident_bytes(process.pid),
+            )
 
 
 class ServerMetrics:

@@ -185,6 +185,12 @@ SERVER_FLAGS = (
     Flag("--health-port", port, None, "extra plaintext port serving only grpc.health.v1 (for kubelet probes)"),
     Flag("--metrics-port", port, 9400, "Prometheus /metrics HTTP port (0: any free port, logged at startup)"),
     Flag("--log-prompts", boolean, False, "include prompt text in request logs (true/false)"),
+    Flag(
+        "--debug-heap",
+        boolean,
+        False,
+        "trace Python allocations; SIGUSR1 logs a 'heap' line per process (slower: for soak runs only)",
+    ),
 )
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 from pathlib import Path
 
 import structlog
 
 from scheduler.request import SamplingParams
+from server import heap_debug
 from server.engine_client import EngineClient
 from server.engine_protocol import RequestSpec
 from server.frontend import ServerState, Serving
@@ -96,11 +98,15 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
 
     try:
         tokenizer = await asyncio.to_thread(load_tokenizer, model_path)
-        engine = await EngineClient.start(runtime_options(args, model_path), args.log_level, args.log_format)
+        engine = await EngineClient.start(
+            runtime_options(args, model_path), args.log_level, args.log_format, args.debug_heap
+        )
     except BaseException:  # a bad checkpoint or option: close the ports, then report it
         await close_servers(None)
         raise
     serving = Serving(engine, tokenizer)
+    if args.debug_heap:  # SIGUSR1: a heap line from this process, then from the engine core
+        heap_debug.install("front-end", lambda: os.kill(engine.process.pid, signal.SIGUSR1))
     if args.warmup:
         await warm_up(serving)
     state.model_name = names[0] if names else engine.info.name

@@ -218,6 +218,7 @@ def test_dashboard_uses_only_exported_metrics(metrics_server: ServerProcess) -> 
         "KV-cache usage",
         "Preemptions",
         "Error rate",
+        "Resident memory",
     ):
         assert needed in panels
 
@@ -237,7 +238,7 @@ def test_chart_alert_rules_pass_promtool(tmp_path: Path) -> None:
     path.write_text(json.dumps({"groups": alert_groups()}))
     result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 5 rules found" in result.stdout
 
 
 def test_chart_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
@@ -322,6 +323,56 @@ def test_chart_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
     result = subprocess.run([promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_memory_alert_fires_on_sustained_growth_only(tmp_path: Path) -> None:
+    """Front-end + engine core memory 10% above its value 6 h earlier for 30 min: the grown pod only."""
+    (tmp_path / "alerts.yml").write_text(json.dumps({"groups": alert_groups()}))
+    labels = 'namespace="llm", service="demo-mistral-serve", pod="{pod}"'
+    grown, flat = labels.format(pod="grown"), labels.format(pod="flat")
+    tests = {
+        "rule_files": ["alerts.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # 1 GB + 2 GB, growing 0.5 and 1 MB/min: at 9 h, 3.81 GB against 3.27 GB 6 h before
+                    {"series": f"process_resident_memory_bytes{{{grown}}}", "values": "1e9+5e5x600"},
+                    {
+                        "series": f'mistralserve_engine_core_resident_memory_bytes{{{grown}, model_name="m"}}',
+                        "values": "2e9+1e6x600",
+                    },
+                    {"series": f"process_resident_memory_bytes{{{flat}}}", "values": "1e9+0x600"},
+                    {
+                        "series": f'mistralserve_engine_core_resident_memory_bytes{{{flat}, model_name="m"}}',
+                        "values": "2e9+0x600",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "6h", "alertname": "MistralServeMemoryGrowing", "exp_alerts": []},
+                    {
+                        "eval_time": "9h",
+                        "alertname": "MistralServeMemoryGrowing",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "pod": "grown"},
+                                "exp_annotations": {
+                                    "summary": "Resident memory of grown is 116.5% of what it was 6h ago",
+                                    "description": "Front-end plus engine core memory keeps rising under load; "
+                                    "compare the server's heap lines (--debug-heap, SIGUSR1) over time and restart "
+                                    "the pod if it nears its limit.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "tests.yml").write_text(json.dumps(tests))
+    result = subprocess.run([promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_chart_alerts_use_only_exported_metrics(metrics_server: ServerProcess) -> None:
