@@ -253,9 +253,8 @@ def heap_diff(first: list[dict[str, Any]], last: list[dict[str, Any]]) -> list[s
             f"{before['process']}: gc objects {before['gc_objects']:,} -> {after['gc_objects']:,}; "
             f"traced {before.get('traced_bytes', 0) / 2**20:.1f} -> {after.get('traced_bytes', 0) / 2**20:.1f} MiB"
         )
-        grown = {
-            name: after["types"].get(name, 0) - before["types"].get(name, 0)
-            for name in set(before["types"]) | set(after["types"])
+        grown = {  # types in both lines (a type can enter or leave the top list between them)
+            name: after["types"][name] - before["types"][name] for name in set(before["types"]) & set(after["types"])
         }
         top = sorted(grown.items(), key=lambda kv: -kv[1])[:8]
         lines.append("  types that grew: " + ", ".join(f"{n} +{d:,}" for n, d in top if d > 0))

@@ -19,7 +19,8 @@ from typing import Any
 import structlog
 
 log = structlog.get_logger(__name__)
-TOP = 40
+TOP_SITES = 40  # allocation sites per heap line
+TOP_TYPES = 200  # object types per heap line
 
 
 def resident_bytes(pid: int | str = "self") -> int:
@@ -34,16 +35,17 @@ def resident_bytes(pid: int | str = "self") -> int:
 
 
 def heap_report(process: str) -> dict[str, Any]:
+    gc.collect()  # count what is reachable, not cycles awaiting the collector (closed transports)
     types = collections.Counter(type(o).__name__ for o in gc.get_objects())
     report: dict[str, Any] = {
         "process": process,
         "rss_bytes": resident_bytes(),
         "gc_objects": sum(types.values()),
-        "types": dict(types.most_common(TOP)),
+        "types": dict(types.most_common(TOP_TYPES)),
     }
     if tracemalloc.is_tracing():
         current, peak = tracemalloc.get_traced_memory()
-        stats = tracemalloc.take_snapshot().statistics("lineno")[:TOP]
+        stats = tracemalloc.take_snapshot().statistics("lineno")[:TOP_SITES]
         report.update(
             traced_bytes=current,
             traced_peak_bytes=peak,
