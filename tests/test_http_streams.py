@@ -13,19 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mistralserve.v1 import generation_pb2 as pb
 
 from tests.http_client import Stream, request, sse
 from tests.server_process import ServerProcess
 from tests.test_engine_core import engine_core_pid
+from tests.test_server_cancel import free_blocks
 
 COMPLETIONS = "/v1/completions"
-
-
-def free_blocks(server: ServerProcess) -> tuple[int, int]:
-    with server.channel() as channel:
-        info = server.stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-    return info.kv_cache_free_blocks, info.kv_cache_blocks
 
 
 @pytest.mark.slow

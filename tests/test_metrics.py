@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -241,83 +242,13 @@ def test_chart_alert_rules_pass_promtool(tmp_path: Path) -> None:
     assert "SUCCESS: 5 rules found" in result.stdout
 
 
-def test_chart_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
-    """``promtool test rules``: synthetic series in, exactly the expected alerts out."""
+def promtool_test_rules(tmp_path: Path, series: list[dict[str, str]], alerts: list[dict[str, Any]]) -> None:
+    """``promtool test rules`` on the chart's alerts: ``series`` in (1-minute samples), ``alerts`` expected."""
     (tmp_path / "alerts.yml").write_text(json.dumps({"groups": alert_groups()}))
-    target = 'namespace="llm", service="demo-mistral-serve", pod="p1", model_name="m"'
     tests = {
         "rule_files": ["alerts.yml"],
         "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    {"series": f"mistralserve_kv_cache_usage_ratio{{{target}}}", "values": "0.99x40"},
-                    {
-                        "series": f'mistralserve_request_success_total{{{target}, finished_reason="stop"}}',
-                        "values": "0+10x40",
-                    },
-                    {
-                        "series": f'mistralserve_request_success_total{{{target}, finished_reason="error"}}',
-                        "values": "0+2x40",
-                    },
-                    {
-                        "series": f'mistralserve_admission_rejections_total{{{target}, reason="queue_full"}}',
-                        "values": "0+0x40",
-                    },
-                    {"series": f"mistralserve_num_requests_waiting{{{target}}}", "values": "0+1x40"},
-                ],
-                "alert_rule_test": [
-                    {
-                        "eval_time": "20m",
-                        "alertname": "MistralServeKVCacheNearlyFull",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "pod": "p1", "model_name": "m"},
-                                "exp_annotations": {
-                                    "summary": "KV cache of p1 is 99% full",
-                                    "description": "A full KV cache preempts requests; "
-                                    "raise kvCacheMemory or lower maxNumSeqs.",
-                                },
-                            }
-                        ],
-                    },
-                    {
-                        "eval_time": "10m",
-                        "alertname": "MistralServeKVCacheNearlyFull",  # not yet: `for: 15m`
-                        "exp_alerts": [],
-                    },
-                    {
-                        "eval_time": "15m",
-                        "alertname": "MistralServeErrorRate",  # 2 errors in 12 finished: 17% > 5%
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "critical", "model_name": "m"},
-                                "exp_annotations": {
-                                    "summary": "More than 5% of requests to m fail or are rejected",
-                                    "description": 'Check the server logs for "request finished" lines with '
-                                    'finish_reason error and for "request rejected" lines.',
-                                },
-                            }
-                        ],
-                    },
-                    {
-                        "eval_time": "30m",
-                        "alertname": "MistralServeQueueGrowing",  # 1 more waiting each minute, above 16
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "pod": "p1", "model_name": "m"},
-                                "exp_annotations": {
-                                    "summary": "Waiting queue of p1 is above 16 and growing",
-                                    "description": "Requests arrive faster than the pod serves them; scale out.",
-                                },
-                            }
-                        ],
-                    },
-                    {"eval_time": "30m", "alertname": "MistralServeHighTimeToFirstToken", "exp_alerts": []},
-                ],
-            }
-        ],
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": alerts}],
     }
     (tmp_path / "tests.yml").write_text(json.dumps(tests))
     result = subprocess.run([promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
@@ -325,54 +256,117 @@ def test_chart_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
     assert "SUCCESS" in result.stdout + result.stderr
 
 
+def test_chart_alerts_fire_on_the_conditions_they_name(tmp_path: Path) -> None:
+    """``promtool test rules``: synthetic series in, exactly the expected alerts out."""
+    target = 'namespace="llm", service="demo-mistral-serve", pod="p1", model_name="m"'
+    promtool_test_rules(
+        tmp_path,
+        [
+            {"series": f"mistralserve_kv_cache_usage_ratio{{{target}}}", "values": "0.99x40"},
+            {
+                "series": f'mistralserve_request_success_total{{{target}, finished_reason="stop"}}',
+                "values": "0+10x40",
+            },
+            {
+                "series": f'mistralserve_request_success_total{{{target}, finished_reason="error"}}',
+                "values": "0+2x40",
+            },
+            {
+                "series": f'mistralserve_admission_rejections_total{{{target}, reason="queue_full"}}',
+                "values": "0+0x40",
+            },
+            {"series": f"mistralserve_num_requests_waiting{{{target}}}", "values": "0+1x40"},
+        ],
+        [
+            {
+                "eval_time": "20m",
+                "alertname": "MistralServeKVCacheNearlyFull",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {"severity": "warning", "pod": "p1", "model_name": "m"},
+                        "exp_annotations": {
+                            "summary": "KV cache of p1 is 99% full",
+                            "description": "A full KV cache preempts requests; "
+                            "raise kvCacheMemory or lower maxNumSeqs.",
+                        },
+                    }
+                ],
+            },
+            {
+                "eval_time": "10m",
+                "alertname": "MistralServeKVCacheNearlyFull",  # not yet: `for: 15m`
+                "exp_alerts": [],
+            },
+            {
+                "eval_time": "15m",
+                "alertname": "MistralServeErrorRate",  # 2 errors in 12 finished: 17% > 5%
+                "exp_alerts": [
+                    {
+                        "exp_labels": {"severity": "critical", "model_name": "m"},
+                        "exp_annotations": {
+                            "summary": "More than 5% of requests to m fail or are rejected",
+                            "description": 'Check the server logs for "request finished" lines with '
+                            'finish_reason error and for "request rejected" lines.',
+                        },
+                    }
+                ],
+            },
+            {
+                "eval_time": "30m",
+                "alertname": "MistralServeQueueGrowing",  # 1 more waiting each minute, above 16
+                "exp_alerts": [
+                    {
+                        "exp_labels": {"severity": "warning", "pod": "p1", "model_name": "m"},
+                        "exp_annotations": {
+                            "summary": "Waiting queue of p1 is above 16 and growing",
+                            "description": "Requests arrive faster than the pod serves them; scale out.",
+                        },
+                    }
+                ],
+            },
+            {"eval_time": "30m", "alertname": "MistralServeHighTimeToFirstToken", "exp_alerts": []},
+        ],
+    )
+
+
 def test_memory_alert_fires_on_sustained_growth_only(tmp_path: Path) -> None:
     """Front-end + engine core memory 10% above its value 6 h earlier for 30 min: the grown pod only."""
-    (tmp_path / "alerts.yml").write_text(json.dumps({"groups": alert_groups()}))
     labels = 'namespace="llm", service="demo-mistral-serve", pod="{pod}"'
     grown, flat = labels.format(pod="grown"), labels.format(pod="flat")
-    tests = {
-        "rule_files": ["alerts.yml"],
-        "evaluation_interval": "1m",
-        "tests": [
+    promtool_test_rules(
+        tmp_path,
+        [
+            # 1 GB + 2 GB, growing 0.5 and 1 MB/min: at 9 h, 3.81 GB against 3.27 GB 6 h before
+            {"series": f"process_resident_memory_bytes{{{grown}}}", "values": "1e9+5e5x600"},
             {
-                "interval": "1m",
-                "input_series": [
-                    # 1 GB + 2 GB, growing 0.5 and 1 MB/min: at 9 h, 3.81 GB against 3.27 GB 6 h before
-                    {"series": f"process_resident_memory_bytes{{{grown}}}", "values": "1e9+5e5x600"},
-                    {
-                        "series": f'mistralserve_engine_core_resident_memory_bytes{{{grown}, model_name="m"}}',
-                        "values": "2e9+1e6x600",
-                    },
-                    {"series": f"process_resident_memory_bytes{{{flat}}}", "values": "1e9+0x600"},
-                    {
-                        "series": f'mistralserve_engine_core_resident_memory_bytes{{{flat}, model_name="m"}}',
-                        "values": "2e9+0x600",
-                    },
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "6h", "alertname": "MistralServeMemoryGrowing", "exp_alerts": []},
-                    {
-                        "eval_time": "9h",
-                        "alertname": "MistralServeMemoryGrowing",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "pod": "grown"},
-                                "exp_annotations": {
-                                    "summary": "Resident memory of grown is 116.5% of what it was 6h ago",
-                                    "description": "Front-end plus engine core memory keeps rising under load; "
-                                    "compare the server's heap lines (--debug-heap, SIGUSR1) over time and restart "
-                                    "the pod if it nears its limit.",
-                                },
-                            }
-                        ],
-                    },
-                ],
-            }
+                "series": f'mistralserve_engine_core_resident_memory_bytes{{{grown}, model_name="m"}}',
+                "values": "2e9+1e6x600",
+            },
+            {"series": f"process_resident_memory_bytes{{{flat}}}", "values": "1e9+0x600"},
+            {
+                "series": f'mistralserve_engine_core_resident_memory_bytes{{{flat}, model_name="m"}}',
+                "values": "2e9+0x600",
+            },
         ],
-    }
-    (tmp_path / "tests.yml").write_text(json.dumps(tests))
-    result = subprocess.run([promtool(), "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+        [
+            {"eval_time": "6h", "alertname": "MistralServeMemoryGrowing", "exp_alerts": []},
+            {
+                "eval_time": "9h",
+                "alertname": "MistralServeMemoryGrowing",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {"severity": "warning", "pod": "grown"},
+                        "exp_annotations": {
+                            "summary": "Resident memory of grown is 116.5% of what it was 6h ago",
+                            "description": "Front-end plus engine core memory keeps rising under load; "
+                            "compare the server's heap lines (--debug-heap, SIGUSR1) over time and restart "
+                            "the pod if it nears its limit.",
+                        },
+                    }
+                ],
+            },
+        ],
+    )
 
 
 def test_chart_alerts_use_only_exported_metrics(metrics_server: ServerProcess) -> None:
