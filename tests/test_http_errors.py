@@ -190,7 +190,7 @@ def test_queue_full_is_429(long_tiny_checkpoint: Path) -> None:
     try:
         server.wait_serving()
         port = server.http_port or 0
-        long = {"prompt": "go", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        long = {"prompt": "go", "max_tokens": 8000, "ignore_eos": True, "stream": True}  # seconds on any machine
 
         async def scenario() -> tuple[int, dict[str, Any]]:
             # one running, two waiting (the bound), then the fourth is refused at once

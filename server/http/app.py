@@ -214,7 +214,7 @@ class HttpFrontend:
                 parsed = parse(body)
             except InvalidRequest as exc:
                 raise self.frontend.reject(INVALID_ARGUMENT, str(exc), peer) from None
-            names = parsed.echo_names
+            names = parsed.param_names
             self.frontend.serving(peer)  # loading or draining: 503 before any model name is judged
             model = self._model(path_model if path_model is not None else parsed.model)
             serving, prepared = self.frontend.prepare(Parsed(parsed.request), peer, {"protocol": "http"})

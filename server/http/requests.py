@@ -148,8 +148,7 @@ class HttpRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False  # chat: logprobs in the answer
-    top_logprobs: int = 0
-    echo_names: dict[str, str] = field(default_factory=dict)  # validation's field path -> the body's name
+    param_names: dict[str, str] = field(default_factory=dict)  # validation's field path -> the body's name
 
 
 def check_fields(body: Mapping[str, Any], allowed: set[str]) -> None:
@@ -255,7 +254,7 @@ def completion_request(body: Mapping[str, Any]) -> HttpRequest:
     if body.get("best_of") is not None and body["best_of"] != body.get("n", 1):
         raise InvalidRequest(f"best_of: must equal n ({body.get('n', 1)}), got {body['best_of']!r}")
     stream, include_usage = stream_fields(body)
-    return HttpRequest(request, model_field(body), stream, include_usage, echo_names={"top_logprobs": "logprobs"})
+    return HttpRequest(request, model_field(body), stream, include_usage, param_names={"top_logprobs": "logprobs"})
 
 
 def chat_request(body: Mapping[str, Any]) -> HttpRequest:
@@ -287,9 +286,7 @@ def chat_request(body: Mapping[str, Any]) -> HttpRequest:
     must_be_null_or(body, "logit_bias", {}, "not supported (allowed: null or {})")
     stream, include_usage = stream_fields(body)
     names = {"max_tokens": "max_completion_tokens"} if "max_completion_tokens" in body else {}
-    return HttpRequest(
-        request, model_field(body), stream, include_usage, logprobs, request.top_logprobs, echo_names=names
-    )
+    return HttpRequest(request, model_field(body), stream, include_usage, logprobs, param_names=names)
 
 
 WORKERS_AI_SAMPLING = (
