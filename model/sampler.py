@@ -1,6 +1,7 @@
 """Token sampling, vectorised over the rows of a batch.
 
-Order, per row (Hugging Face's): banned tokens -> repetition / frequency / presence
+Order, per row (Hugging Face's): tokens a structured-output constraint rules out (a bitmask
+from ``scheduler.structured``, for the constrained rows only) -> banned tokens -> repetition / frequency / presence
 penalties -> greedy (temperature 0 or top_k 1: argmax) or temperature -> top_k -> top_p
 -> min_p -> one draw by inverse CDF. Each row draws a single uniform number, from its own
 ``torch.Generator`` when it has a seed, so a seeded row gives the same tokens whatever
@@ -52,9 +53,16 @@ class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator  # unseeded rows draw from it
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[TokenChoice]:
-        """``logits`` (len(rows), vocab) fp32 -> one token per row."""
-        penalized = self._penalized(logits, rows)
+    def sample(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        constrained: Sequence[int] = (),
+        bitmask: torch.Tensor | None = None,
+    ) -> list[TokenChoice]:
+        """``logits`` (len(rows), vocab) fp32 -> one token per row. Row ``constrained[i]`` may only
+        take the tokens whose bit is set in ``bitmask[i]`` ((len(constrained), ceil(vocab / 32)) int32)."""
+        penalized = self._penalized(self._allowed_only(logits, constrained, bitmask), rows)
         tokens = penalized.argmax(dim=-1)
         random_rows = [i for i, row in enumerate(rows) if not row.greedy]
         if random_rows:
@@ -82,6 +90,18 @@ class Sampler:
         return self._with_logprobs(logits, tokens, [k] * len(targets))
 
     # -- steps ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _allowed_only(logits: torch.Tensor, constrained: Sequence[int], bitmask: torch.Tensor | None) -> torch.Tensor:
+        if not constrained or bitmask is None:
+            return logits
+        vocab = logits.shape[1]
+        shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(len(constrained), -1)[:, :vocab].bool()
+        index = torch.tensor(list(constrained), device=logits.device)
+        x = logits.clone()
+        x[index] = x[index].masked_fill(~allowed.to(logits.device), NEG_INF)
+        return x
 
     @staticmethod
     def _penalized(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

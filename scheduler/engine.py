@@ -5,6 +5,10 @@ iterator) and ``abort`` them; both go through an inbox the engine thread drains 
 each step, so scheduler state is only ever touched by that thread. An exception in a step
 fails the requests of that step and the engine keeps serving; if the thread itself dies,
 ``alive`` turns False and every pending request gets an error output.
+
+A request with a structured-output constraint waits in the scheduler, passed over, while
+``GrammarCompiler`` builds its matcher on another thread; the compiler posts "compiled" to
+the inbox, and the next step gives sample 0 its matcher and lets it be admitted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -37,6 +42,7 @@ from scheduler.request import (
     SequenceStatus,
 )
 from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.structured import Compiled, GrammarCompiler
 
 log = structlog.get_logger(__name__)
 
@@ -100,8 +106,10 @@ class Engine:
         blocks: BlockManager,
         config: EngineConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.runner = runner
+        self.grammars = grammars
         self.blocks = blocks
         self.config = config = config or EngineConfig()
         self.clock = clock
@@ -126,6 +134,8 @@ class Engine:
         self._sequences: dict[str, list[SequenceState]] = {}
         self._unfinished: dict[str, int] = {}  # samples whose final output is not sent yet
         self._finals: dict[str, list[RequestOutput]] = {}
+        self._compiling: dict[str, Future[Compiled]] = {}  # constrained requests not ready yet
+        self._grammar_seconds: dict[str, float | None] = {}  # compile time per constrained request
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._fatal: BaseException | None = None
@@ -150,12 +160,19 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.grammars is not None:
+            self.grammars.shutdown()
 
     @property
     def has_work(self) -> bool:
         """Something to step: requests in the scheduler, or adds and aborts not taken in yet."""
         with self._cond:
-            return self.scheduler.has_work or bool(self._inbox)
+            return self.scheduler.has_ready_work or bool(self._inbox)
+
+    @property
+    def compiling(self) -> bool:
+        """Some request waits for its grammar (its compiler will post to the inbox)."""
+        return bool(self._compiling)
 
     @property
     def alive(self) -> bool:
@@ -164,6 +181,9 @@ class Engine:
     def validate(self, request: EngineRequest) -> None:
         """ValueError naming the field for a request the engine could never serve."""
         validate_request(request.prompt_token_ids, request.params, self.vocab_size, self.max_model_len)
+        constraint = request.params.constraint
+        if constraint is not None and self.grammars is None:
+            raise ValueError(f"{constraint.kind.value}: this engine has no structured-output support")
 
     def submit(self, request: EngineRequest, sink: OutputSink) -> None:
         self.validate(request)
@@ -214,7 +234,7 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._inbox or self.scheduler.has_work):
+                    while not (self._stopping or self._inbox or self.scheduler.has_ready_work):
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -236,22 +256,56 @@ class Engine:
             if kind == "add":
                 assert isinstance(payload, EngineRequest) and sink is not None
                 self._sinks[payload.request_id] = sink
-                self._sequences[payload.request_id] = [self.scheduler.add(payload)]
+                seq = self.scheduler.add(payload)
+                self._sequences[payload.request_id] = [seq]
                 self._unfinished[payload.request_id] = payload.params.n
+                if payload.params.constraint is not None:
+                    self._compile(seq)
+            elif kind == "compiled":
+                assert isinstance(payload, str)
+                self._compiled(payload)
             else:
                 assert isinstance(payload, str)
                 self._end_request(payload, FinishReason.ABORT)
+
+    def _compile(self, seq: SequenceState) -> None:
+        assert self.grammars is not None and seq.request.params.constraint is not None
+        request_id = seq.request.request_id
+        seq.ready = False
+
+        def posted() -> None:
+            with self._cond:
+                self._inbox.append(("compiled", request_id, None))
+                self._cond.notify_all()
+
+        self._compiling[request_id] = self.grammars.submit(seq.request.params.constraint, posted)
+
+    def _compiled(self, request_id: str) -> None:
+        future = self._compiling.pop(request_id, None)
+        seqs = self._sequences.get(request_id)
+        if future is None or seqs is None:  # aborted meanwhile
+            return
+        try:
+            compiled = future.result()
+        except Exception as exc:
+            self._end_request(request_id, FinishReason.ERROR, str(exc))
+            return
+        self._grammar_seconds[request_id] = None if compiled.cached else compiled.seconds
+        self.outputs.matchers[seqs[0].seq_id] = compiled.start()
+        seqs[0].ready = True
 
     def run_until_idle(self) -> None:
         """Step on the calling thread until nothing is left (tests and benchmarks, no thread)."""
         self.step()
         while self.scheduler.has_work:
+            if not self.scheduler.has_ready_work:  # only grammars compiling
+                time.sleep(0.0005)
             self.step()
 
     def step(self) -> None:
         """Take in new requests and aborts, then run one iteration."""
         self._drain_inbox()
-        if not self.scheduler.has_work:
+        if not self.scheduler.has_ready_work:
             return
         start = self.clock()
         out = self.scheduler.schedule()
@@ -328,6 +382,8 @@ class Engine:
                 cached_tokens=usage[0].cached_tokens if usage else 0,
                 timings=first.timings or empty,
                 num_preemptions=sum(s.num_preemptions for s in seqs),
+                constraint=constraint.kind if (constraint := seqs[0].request.params.constraint) else None,
+                grammar_compile_seconds=self._grammar_seconds.pop(request_id, None),
             )
         )
 
@@ -336,6 +392,7 @@ class Engine:
         seqs = self._sequences.get(request_id)
         if seqs is None:
             return
+        self._compiling.pop(request_id, None)
         request = seqs[0].request
         if seqs[0].first_scheduled is None and seqs[0].status == SequenceStatus.WAITING:
             with self._cond:

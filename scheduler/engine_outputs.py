@@ -4,7 +4,8 @@ Part of the engine loop (so it may use torch). Stopping order per new token: EOS
 ``ignore_eos``) or a stop token id -> stop; else the text stream, whose stop-string match
 -> stop; then ``max_tokens`` or the model's context -> length. EOS and stop token ids are
 banned from sampling until ``min_tokens`` tokens exist, and stop strings do not match
-before then either.
+before then either. A constrained sequence's matcher (``scheduler.structured``) takes every
+token that does not end it; when its grammar can take nothing more, the sequence stops.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from llguidance import LLMatcher
 
 from model.sampler import Sampler, SamplingRow, TokenChoice
 from scheduler.request import (
@@ -25,6 +27,7 @@ from scheduler.request import (
     Usage,
 )
 from scheduler.scheduler import Scheduler, SchedulerOutput
+from scheduler.structured import StructuredBatch
 
 
 @dataclass
@@ -59,6 +62,8 @@ class OutputProcessor:
         self.counters = counters
         self.device = device
         self.generators: dict[str, torch.Generator] = {}
+        self.matchers: dict[str, LLMatcher] = {}  # constrained sequences by seq_id
+        self._structured: StructuredBatch | None = None  # made with the first constrained row
 
     def process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[tuple[SequenceState, RequestOutput]]:
         """Commit each chunk, sample where a chunk reached the end, return the new outputs."""
@@ -79,7 +84,14 @@ class OutputProcessor:
         if not to_sample:
             return []
         index = torch.tensor([r for _, r in to_sample], device=logits.device)
-        choices = self.sampler.sample(logits[index], [self._row(seq) for seq, _ in to_sample])
+        rows = [self._row(seq) for seq, _ in to_sample]
+        constrained = [i for i, (seq, _) in enumerate(to_sample) if seq.seq_id in self.matchers]
+        bitmask = None
+        if constrained:
+            if self._structured is None:
+                self._structured = StructuredBatch(logits.shape[1])
+            bitmask = self._structured.bitmask([self.matchers[to_sample[i][0].seq_id] for i in constrained])
+        choices = self.sampler.sample(logits[index], rows, constrained, bitmask)
         return [(seq, self._append(seq, choice)) for (seq, _), choice in zip(to_sample, choices, strict=True)]
 
     def _fork_samples(self, parent: SequenceState) -> list[SequenceState]:
@@ -96,6 +108,9 @@ class OutputProcessor:
                 first_scheduled=parent.first_scheduled,
             )
             self.scheduler.add_forked(parent, child)
+            matcher = self.matchers.get(parent.seq_id)
+            if matcher is not None:  # forked before the parent takes its first token
+                self.matchers[child.seq_id] = matcher.deep_copy()
             children.append(child)
         return children
 
@@ -159,6 +174,14 @@ class OutputProcessor:
             text = update.text
             if update.stop is not None:
                 reason, stop_reason = FinishReason.STOP, update.stop
+        matcher = self.matchers.get(seq.seq_id)
+        if matcher is not None and reason is None:
+            if not matcher.consume_token(token):
+                output = RequestOutput(seq.request.request_id, seq.index, (token,), text)
+                return self.finished(seq, FinishReason.ERROR, last=output,
+                                     error=f"structured output: {matcher.get_error().strip()}")  # fmt: skip
+            if matcher.is_stopped():  # the grammar is complete and takes nothing more
+                reason = FinishReason.STOP
         limit = params.max_tokens or self.max_model_len - seq.prompt_len
         if reason is None and (count >= limit or seq.num_tokens >= self.max_model_len):
             reason = FinishReason.LENGTH
@@ -187,6 +210,7 @@ class OutputProcessor:
         """The final output of a sequence: done, aborted or failed. Frees its blocks."""
         self.scheduler.finish(seq)
         self.generators.pop(seq.seq_id, None)
+        self.matchers.pop(seq.seq_id, None)
         self.counters.finished[reason.value] += 1
         request = seq.request
         timings = RequestTimings(

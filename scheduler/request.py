@@ -18,6 +18,49 @@ from typing import Protocol
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_CONSTRAINT_BYTES = 128 * 1024  # a schema, regex or grammar; choices together
+MAX_CHOICES = 1024
+
+
+class ConstraintKind(StrEnum):
+    JSON_SCHEMA = "json_schema"  # text: a JSON schema
+    JSON_OBJECT = "json_object"  # any JSON object
+    REGEX = "regex"  # text: the output fullmatches it
+    CHOICE = "choice"  # choices: the output is one of them
+    GRAMMAR = "grammar"  # text: a Lark or GBNF context-free grammar
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """The shape the output must take. Invalid values raise ValueError naming the field.
+
+    Only the form is checked here (sizes, empty values); whether the schema, regex or grammar
+    compiles is ``scheduler.structured.check_constraint``'s job.
+    """
+
+    kind: ConstraintKind
+    text: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        kind = self.kind.value
+        if self.kind == ConstraintKind.CHOICE:
+            if not self.choices:
+                raise ValueError("choice must be a non-empty list of strings, got []")
+            if len(self.choices) > MAX_CHOICES:
+                raise ValueError(f"choice must hold at most {MAX_CHOICES} strings, got {len(self.choices)}")
+            if any(c == "" for c in self.choices):
+                raise ValueError("choice must hold non-empty strings, got an empty string")
+        elif self.kind != ConstraintKind.JSON_OBJECT and not self.text.strip():
+            raise ValueError(f"{kind} must be a non-empty string")
+        size = len(self.text.encode()) + sum(len(c.encode()) for c in self.choices)
+        if size > MAX_CONSTRAINT_BYTES:
+            raise ValueError(f"{kind} must be at most {MAX_CONSTRAINT_BYTES} bytes, got {size}")
+
+    @property
+    def key(self) -> tuple[str, str, tuple[str, ...]]:
+        """What identifies the compiled grammar (the cache key)."""
+        return (self.kind.value, self.text, self.choices)
 
 
 class FinishReason(StrEnum):
@@ -56,6 +99,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # chosen token's logprob plus this many alternatives (0..20)
     prompt_logprobs: int | None = None
+    constraint: Constraint | None = None  # structured output
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -166,6 +210,8 @@ class FinishedRequest:
     cached_tokens: int
     timings: RequestTimings  # of sample 0
     num_preemptions: int
+    constraint: ConstraintKind | None = None
+    grammar_compile_seconds: float | None = None  # None: no constraint, or its grammar came from the cache
 
 
 @dataclass(frozen=True)
@@ -225,6 +271,7 @@ class SequenceState:
     token_times: list[float] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     num_preemptions: int = 0
+    ready: bool = True  # False while its constraint's grammar is being compiled: not admitted yet
 
     @property
     def prompt_len(self) -> int:

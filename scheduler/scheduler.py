@@ -10,7 +10,8 @@ Every sequence wants ``num_tokens - num_computed_tokens`` tokens computed. Each 
    keeping the tokens it generated;
 3. if nothing was preempted, waiting sequences are admitted in (priority, arrival) order
    while the budget, ``max_num_seqs`` and the blocks allow; a prefix-cache hit counts as
-   computed tokens.
+   computed tokens. A sequence whose structured-output grammar is still compiling
+   (``ready`` False) keeps its place and is passed over.
 
 Example, budget 256: running decoders A, B and a 2,000-token prompt C mid-prefill get
 1 + 1 + 254 tokens this step.
@@ -114,6 +115,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    @property
+    def has_ready_work(self) -> bool:
+        """Something a step can run now (not only sequences waiting for their grammar)."""
+        return bool(self.running) or any(seq.ready for seq in self.waiting)
+
     # -- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
@@ -141,15 +147,19 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[i]
+            if not seq.ready:
+                i += 1
+                continue
             wants_prompt_logits = self._wants_prompt_logits(seq)
             hit = PrefixHit() if wants_prompt_logits else self.blocks.lookup_prefix(seq.all_token_ids)
             n = min(seq.num_tokens - hit.num_tokens, budget)
             if not self.blocks.allocate_slots(seq.seq_id, n, hit):
                 break
             self.blocks.count_prefix_query(seq.num_tokens)
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             seq.num_computed_tokens = hit.num_tokens
             if seq.first_scheduled is None:
                 seq.first_scheduled = self.clock()

@@ -38,6 +38,7 @@ from server.logging_setup import configure_logging
 from server.runtime import Runtime, RuntimeOptions, build_runtime
 
 log = structlog.get_logger(__name__)
+GRAMMAR_POLL = 0.001  # seconds
 
 
 class _Collect:
@@ -100,8 +101,11 @@ class EngineCore:
             self._send_update()
 
     def _take_in(self, block: bool) -> bool:
-        """Handle every message waiting (the first may be waited for); False: stop."""
-        timeout = None if block else 0.0
+        """Handle every message waiting (the first may be waited for); False: stop.
+
+        While a grammar compiles on its thread the wait is a 1 ms poll, so the request it
+        belongs to is admitted as soon as the compiler posts to the engine's inbox."""
+        timeout = (GRAMMAR_POLL if self.engine.compiling else None) if block else 0.0
         while select.select([self.sock], [], [], timeout)[0]:
             message = _receive(self.sock)
             if message is None or isinstance(message, Shutdown):

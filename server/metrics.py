@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from scheduler.engine import EngineStats, StepRecord
-from scheduler.request import FinishedRequest, FinishReason
+from scheduler.request import ConstraintKind, FinishedRequest, FinishReason
 from server.heap_debug import resident_bytes
 
 PREFIX = "mistralserve_"
@@ -42,6 +42,7 @@ REQUEST_TIME_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0
                         240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GRAMMAR_COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 REJECTION_REASONS = ("queue_full", "invalid_argument", "unavailable")
 
 
@@ -190,6 +191,19 @@ class ServerMetrics:
         )  # fmt: skip
         for reason in REJECTION_REASONS:
             self.rejections.labels(model_name, reason)
+        self.structured = Counter(
+            PREFIX + "structured_output_requests", "Finished requests with a structured-output constraint, by kind.",
+            ["model_name", "kind"], registry=r,
+        )  # fmt: skip
+        for kind in ConstraintKind:
+            self.structured.labels(model_name, kind.value)
+        self.grammar_compile = histogram(
+            "grammar_compile_seconds", "Building a constraint's matcher (cache misses).", GRAMMAR_COMPILE_BUCKETS
+        )
+        self.grammar_cache_hits = Counter(
+            PREFIX + "grammar_cache_hits", "Constrained requests whose matcher came from the cache.", labels,
+            registry=r,
+        ).labels(model_name)  # fmt: skip
         self.info = Info(PREFIX + "model", "The served model and how it runs.", registry=r)
 
     def attach(self, engine: EngineView, info: dict[str, str]) -> None:
@@ -225,6 +239,12 @@ class ServerMetrics:
                         self.per_token.observe((t.token_times[-1] - t.token_times[0]) / (len(t.token_times) - 1))
                 for previous, current in zip(t.token_times, t.token_times[1:], strict=False):
                     self.itl.observe(current - previous)
+                if done.constraint is not None:
+                    self.structured.labels(self.model_name, done.constraint.value).inc()
+                    if done.grammar_compile_seconds is None:
+                        self.grammar_cache_hits.inc()
+                    else:
+                        self.grammar_compile.observe(done.grammar_compile_seconds)
             while engine.recent_steps:
                 step = engine.recent_steps.popleft()
                 self.iteration_tokens.observe(step.num_tokens)

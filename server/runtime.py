@@ -20,7 +20,9 @@ from scheduler.block_manager import BlockManager
 from scheduler.engine import Engine, EngineConfig
 from scheduler.request import EngineRequest, SamplingParams
 from scheduler.scheduler import SchedulerConfig
+from scheduler.structured import GrammarCompiler
 from server.detokenizer import IncrementalDetokenizer
+from server.grammar_vocab import grammar_tokenizer
 from server.tokenizer import Tokenizer
 from server.tokenizer_loader import load_tokenizer
 
@@ -149,4 +151,5 @@ def build_runtime(options: RuntimeOptions) -> Runtime:
     config = EngineConfig(
         SchedulerConfig(options.max_num_batched_tokens, options.max_num_seqs), options.max_queued_requests, options.seed
     )
-    return Runtime(loaded, tokenizer, cache, blocks, Engine(runner, blocks, config))
+    grammars = GrammarCompiler(lambda: grammar_tokenizer(tokenizer, model.config.vocab_size))
+    return Runtime(loaded, tokenizer, cache, blocks, Engine(runner, blocks, config, grammars=grammars))

@@ -41,7 +41,9 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Message] | None = None
+    ) -> str:
         if self.chat_template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead of messages")
         return self.chat_template.render(
@@ -49,8 +51,11 @@ class Tokenizer(ABC):
             bos_token=self.special.bos_token or "",
             eos_token=self.special.eos_token or "",
             add_generation_prompt=add_generation_prompt,
+            tools=tools,
         )
 
-    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Message] | None = None
+    ) -> list[int]:
         """The rendered template already holds any BOS text, so nothing more is added."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)

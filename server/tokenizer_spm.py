@@ -77,6 +77,21 @@ class SentencePieceTokenizer(Tokenizer):
                 ids.extend(processor.encode(segment))
         return ids
 
+    def piece_bytes(self) -> tuple[list[bytes], list[int]]:
+        """Each id's bytes (``▁`` a space, ``<0xNN>`` that byte) and the special (control, unknown) ids."""
+        sp = self._sp
+        tokens: list[bytes] = []
+        special: list[int] = []
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                tokens.append(bytes([int(piece[3:5], 16)]))
+            else:
+                tokens.append(piece.replace("\u2581", " ").encode())
+                if sp.is_control(i) or sp.is_unknown(i):
+                    special.append(i)
+        return tokens, special
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         if skip_special_tokens:
             return str(self._sp.decode([i for i in ids if i not in self._control_ids]))

@@ -7,21 +7,24 @@ says what is allowed.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from mistralserve.v1 import generation_pb2 as pb
 
-from scheduler.request import SamplingParams
+from scheduler.request import Constraint, ConstraintKind, SamplingParams
+from scheduler.structured import check_constraint
 from server.chat_template import ChatTemplateError
 from server.tokenizer import Tokenizer
 
 INPUT_FIELD_NUMBERS = {1: "prompt", 2: "messages", 3: "prompt_token_ids"}
+CONSTRAINT_FIELD_NUMBERS = {11: "json_schema", 12: "json_object", 13: "regex", 14: "choice", 15: "grammar"}
 SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty",
 )  # fmt: skip
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID = 256
 # SamplingParams field -> where it lives in the request
 FIELD_PATHS = {
@@ -40,15 +43,18 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class Parsed:
-    """A deserialized request, or why it could not be; with how many input fields the bytes held."""
+    """A deserialized request, or why it could not be; with how many input and constraint fields
+    the bytes held."""
 
     message: Any
     input_fields: int = 1
     error: str | None = None
+    constraint_fields: int = 0
 
 
-def count_input_fields(raw: bytes) -> int:
-    """Distinct oneof ``input`` fields present on the wire (protobuf keeps only the last)."""
+def count_oneof_fields(raw: bytes) -> tuple[int, int]:
+    """Distinct oneof ``input`` and oneof ``constraint`` fields present on the wire (protobuf
+    keeps only the last of each)."""
     seen: set[int] = set()
     pos = 0
 
@@ -67,7 +73,7 @@ def count_input_fields(raw: bytes) -> int:
         while pos < len(raw):
             key = varint()
             number, wire = key >> 3, key & 7
-            if number in INPUT_FIELD_NUMBERS:
+            if number in INPUT_FIELD_NUMBERS or number in CONSTRAINT_FIELD_NUMBERS:
                 seen.add(number)
             if wire == 0:
                 varint()
@@ -82,7 +88,7 @@ def count_input_fields(raw: bytes) -> int:
                 break
     except IndexError:
         pass
-    return len(seen)
+    return len(seen & INPUT_FIELD_NUMBERS.keys()), len(seen & CONSTRAINT_FIELD_NUMBERS.keys())
 
 
 def deserializer(message_type: type[Any]) -> Any:
@@ -94,7 +100,10 @@ def deserializer(message_type: type[Any]) -> Any:
             message.ParseFromString(raw)
         except Exception:  # google.protobuf.message.DecodeError and friends
             return Parsed(None, 0, f"the request is not a valid {message_type.DESCRIPTOR.name} message")
-        return Parsed(message, count_input_fields(raw) if hasattr(message, "prompt") else 1)
+        if not hasattr(message, "prompt"):
+            return Parsed(message)
+        inputs, constraints = count_oneof_fields(raw)
+        return Parsed(message, inputs, constraint_fields=constraints)
 
     return parse
 
@@ -135,16 +144,87 @@ def prompt_ids(request: Any, input_fields: int, tokenizer: Tokenizer, vocab_size
 def chat_ids(messages: pb.ChatMessages, tokenizer: Tokenizer) -> list[int]:
     if not messages.messages:
         raise InvalidRequest("messages: must hold at least one message")
-    for i, message in enumerate(messages.messages):
-        if message.role not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role: {message.role!r} is not one of {', '.join(ROLES)}")
+    turns = [_chat_turn(i, message) for i, message in enumerate(messages.messages)]
+    tools = [_tool(i, tool) for i, tool in enumerate(messages.tools)]
     try:
-        return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages.messages])
+        return tokenizer.encode_chat(turns, tools=tools or None)
     except (ChatTemplateError, ValueError) as exc:
         raise InvalidRequest(f"messages: {exc}") from None
 
 
-def sampling_params(request: Any, room: int, default_max_tokens: int) -> SamplingParams:
+def _json_object(text: str, field: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{field}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{field}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _chat_turn(i: int, message: pb.ChatMessage) -> dict[str, Any]:
+    """A message as Hugging Face chat templates take it (OpenAI's shape, arguments as objects)."""
+    if message.role not in ROLES:
+        raise InvalidRequest(f"messages[{i}].role: {message.role!r} is not one of {', '.join(ROLES)}")
+    turn: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        if message.role != "assistant":
+            raise InvalidRequest(f"messages[{i}].tool_calls: only assistant messages carry tool calls")
+        turn["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {
+                    "name": call.name,
+                    "arguments": _json_object(call.arguments or "{}", f"messages[{i}].tool_calls[{j}].arguments"),
+                },
+            }
+            for j, call in enumerate(message.tool_calls)
+        ]
+    if message.role == "tool":
+        turn["tool_call_id"] = message.tool_call_id
+        if message.name:
+            turn["name"] = message.name
+    return turn
+
+
+def _tool(i: int, tool: pb.Tool) -> dict[str, Any]:
+    if not tool.name:
+        raise InvalidRequest(f"messages.tools[{i}].name: must not be empty")
+    parameters = _json_object(tool.parameters, f"messages.tools[{i}].parameters") if tool.parameters else {}
+    function: dict[str, Any] = {"name": tool.name, "description": tool.description, "parameters": parameters}
+    return {"type": "function", "function": function}
+
+
+def constraint(request: Any, constraint_fields: int) -> Constraint | None:
+    """The request's structured-output constraint, checked by the grammar library."""
+    if constraint_fields > 1:
+        names = ", ".join(CONSTRAINT_FIELD_NUMBERS.values())
+        raise InvalidRequest(f"constraint: give at most one of {names} (got {constraint_fields})")
+    which = request.WhichOneof("constraint")
+    if which is None:
+        return None
+    kind = ConstraintKind(which)
+    try:
+        if kind == ConstraintKind.CHOICE:
+            result = Constraint(kind, choices=tuple(request.choice.values))
+        elif kind == ConstraintKind.JSON_OBJECT:
+            result = Constraint(kind)
+        else:
+            result = Constraint(kind, text=getattr(request, which))
+    except ValueError as exc:  # "choice must be ..." -> "choice: must be ..."
+        name, _, rest = str(exc).partition(" ")
+        raise InvalidRequest(f"{name}: {rest}") from None
+    try:
+        check_constraint(result)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return result
+
+
+def sampling_params(
+    request: Any, room: int, default_max_tokens: int, output_constraint: Constraint | None = None
+) -> SamplingParams:
     """The request's sampling and stopping; an unset max_tokens is ``default_max_tokens``, capped by
     ``room`` (the context left after the prompt), where a set one above ``room`` is an error."""
     sampling, stopping = request.sampling, request.stopping
@@ -164,6 +244,7 @@ def sampling_params(request: Any, room: int, default_max_tokens: int) -> Samplin
         include_stop_str_in_output=stopping.include_stop_str_in_output,
         n=opt(request, "n") if request.HasField("n") else 1,
         logprobs=logprobs,
+        constraint=output_constraint,
     )
     if values["max_tokens"] is None:
         values["max_tokens"] = max(1, min(max(default_max_tokens, stopping.min_tokens), room))
@@ -186,5 +267,6 @@ def prepare(parsed: Parsed, tokenizer: Tokenizer, vocab_size: int, context: int,
     if len(request.request_id) > MAX_REQUEST_ID:
         raise InvalidRequest(f"request_id: at most {MAX_REQUEST_ID} characters, got {len(request.request_id)}")
     ids = prompt_ids(request, parsed.input_fields, tokenizer, vocab_size, context)
-    params = sampling_params(request, context - len(ids), default_max_tokens)
+    output_constraint = constraint(request, parsed.constraint_fields)
+    params = sampling_params(request, context - len(ids), default_max_tokens, output_constraint)
     return Prepared(request.request_id or uuid.uuid4().hex, ids, params, request.priority)

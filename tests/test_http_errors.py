@@ -96,8 +96,8 @@ def test_grpc_table_gives_400_with_the_same_message(server: ServerProcess, name:
             {"prompt": "hi", "request_id": "r"},
             "request_id: unknown field (this route takes best_of, echo, frequency_penalty, ignore_eos, "
             "include_stop_str_in_output, logit_bias, logprobs, max_tokens, min_p, min_tokens, n, presence_penalty, "
-            "prompt, repetition_penalty, seed, stop, stop_token_ids, stream, stream_options, suffix, temperature, "
-            "top_k, top_p, and model)",
+            "prompt, repetition_penalty, response_format, seed, stop, stop_token_ids, stream, stream_options, "
+            "structured_outputs, suffix, temperature, top_k, top_p, and model)",
         ),
         (
             CHAT_ROUTE,
@@ -109,7 +109,7 @@ def test_grpc_table_gives_400_with_the_same_message(server: ServerProcess, name:
         (
             CHAT_ROUTE,
             {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
-            "tools: tool calls are not supported yet (allowed: null or [])",
+            "tools[0]: must be {'type': 'function', 'function': {name, parameters}}",
         ),
         (
             CHAT_ROUTE,
@@ -216,7 +216,8 @@ def test_queue_full_is_429(long_tiny_checkpoint: Path) -> None:
 FIELDS = ["prompt", "messages", "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
           "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logprobs", "top_logprobs", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "echo", "raw", "tools", "user",
-          "response_format", "best_of", "stop_token_ids", "role", "content"]  # fmt: skip
+          "response_format", "best_of", "stop_token_ids", "role", "content", "structured_outputs", "tool_choice",
+          "type", "json_schema", "schema", "json", "regex", "choice", "grammar", "function", "name"]  # fmt: skip
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from typing import Any
 from scheduler.request import FinishReason, RequestOutput, TokenLogprobs
 from server.frontend import Collected, Completion
 from server.http.requests import HttpRequest
+from server.http.tools import CallStream, ToolCall
 from server.tokenizer import Tokenizer
 
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
@@ -189,6 +191,8 @@ class ChatFormat(OpenAIFormat):
     def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
         super().__init__(request, request_id, model, tokenizer)
         self.started: set[int] = set()
+        self.calls: dict[int, CallStream] = {}  # with tools: each sample's output read as tool calls
+        self.num_calls: dict[int, int] = {}  # tool calls sent per sample
 
     def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.token_text(token_id)
@@ -204,25 +208,52 @@ class ChatFormat(OpenAIFormat):
             content.append(item)
         return {"content": content}
 
+    def _split(self, index: int, text: str, last: bool) -> tuple[str, list[ToolCall]]:
+        """Content and tool calls of a sample's new text (all of it is content without tools)."""
+        choice = self.request.tool_choice
+        if choice is None:
+            return text, []
+        stream = self.calls.setdefault(index, CallStream(choice))
+        content, calls = stream.feed(text)
+        if last:
+            more, late = stream.finish()
+            content, calls = content + more, calls + late
+        return content, calls
+
     def choice(self, output: RequestOutput) -> dict[str, Any]:
-        delta: dict[str, Any] = {"content": output.text}
-        if output.index not in self.started:
-            self.started.add(output.index)
+        index = output.index
+        content, calls = self._split(index, output.text, output.finished)
+        delta: dict[str, Any] = {"content": content}
+        if calls:
+            sent = self.num_calls.get(index, 0)
+            delta["tool_calls"] = [call.json(sent + i) for i, call in enumerate(calls)]
+            self.num_calls[index] = sent + len(calls)
+        if index not in self.started:
+            self.started.add(index)
             delta = {"role": "assistant", **delta}
+        reason = finish(output.finish_reason)
+        if reason == "stop" and self.num_calls.get(index):
+            reason = "tool_calls"
         return {
-            "index": output.index,
+            "index": index,
             "delta": delta,
             "logprobs": self._logprobs(output.logprobs),
-            "finish_reason": finish(output.finish_reason),
+            "finish_reason": reason,
             "stop_reason": output.stop_reason,
         }
 
     def whole_choice(self, completion: Completion) -> dict[str, Any]:
+        content, calls = self._split(completion.index, completion.text, last=True)
+        message: dict[str, Any] = {"role": "assistant", "content": content or None if calls else content}
+        reason = finish(completion.finish_reason)
+        if calls:
+            message["tool_calls"] = [call.json() for call in calls]
+            reason = "tool_calls" if reason == "stop" else reason
         return {
             "index": completion.index,
-            "message": {"role": "assistant", "content": completion.text},
+            "message": message,
             "logprobs": self._logprobs(completion.logprobs),
-            "finish_reason": finish(completion.finish_reason),
+            "finish_reason": reason,
             "stop_reason": completion.stop_reason,
         }
 
@@ -235,7 +266,11 @@ class WorkersAIFormat(Format):
 
     def whole(self, collected: Collected) -> dict[str, Any]:
         text = collected.completions[0].text if collected.completions else ""
-        return {"result": {"response": text}, "success": True, "errors": [], "messages": []}
+        response: Any = text
+        if self.request.json_response:  # JSON mode answers the object itself (text if it was cut short)
+            with contextlib.suppress(json.JSONDecodeError):
+                response = json.loads(text)
+        return {"result": {"response": response}, "success": True, "errors": [], "messages": []}
 
     def error(self, status: int, message: str, param: str | None = None) -> dict[str, Any]:
         return workers_ai_error(status, message)

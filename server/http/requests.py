@@ -7,13 +7,15 @@ The bodies are checked for shape here (types, which fields a route takes); the r
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mistralserve.v1 import generation_pb2 as pb
 
-from server.validation import InvalidRequest
+from server.http.tools import ToolChoice, add_tools, calls_schema, choose, parse_tools
+from server.validation import CONSTRAINT_FIELD_NUMBERS, InvalidRequest
 
 UINT32 = (1 << 32) - 1
 INT32 = 1 << 31
@@ -149,6 +151,8 @@ class HttpRequest:
     include_usage: bool = False
     logprobs: bool = False  # chat: logprobs in the answer
     param_names: dict[str, str] = field(default_factory=dict)  # validation's field path -> the body's name
+    tool_choice: ToolChoice | None = None  # chat with tools: read the output back as tool calls
+    json_response: bool = False  # Workers AI JSON mode: the whole answer's response is the parsed object
 
 
 def check_fields(body: Mapping[str, Any], allowed: set[str]) -> None:
@@ -224,9 +228,95 @@ def message_list(value: Any, name: str = "messages") -> pb.ChatMessages:
     return messages
 
 
+# A constraint found in a body: (the body's field, the request's constraint field, its value)
+Source = tuple[str, str, Any]
+STRUCTURED_OUTPUTS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def openai_response_format(value: Any) -> list[Source]:
+    """``{"type": "text" | "json_object"}`` or ``{"type": "json_schema", "json_schema": {name, schema, strict}}``."""
+    if value is None:
+        return []
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return []
+    if kind == "json_object":
+        return [("response_format", "json_object", None)]
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
+            raise InvalidRequest("response_format.json_schema.schema: required (a JSON schema object)")
+        return [("response_format", "json_schema", json.dumps(spec["schema"]))]
+    raise InvalidRequest(f"response_format.type: {kind!r} is not supported (allowed: text, json_object, json_schema)")
+
+
+def workers_ai_response_format(value: Any) -> list[Source]:
+    """Workers AI's JSON mode: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
+    if value is None:
+        return []
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return [("response_format", "json_object", None)]
+    if kind == "json_schema":
+        schema = value.get("json_schema")
+        if not isinstance(schema, dict | bool):
+            raise InvalidRequest("response_format.json_schema: required (a JSON schema object)")
+        return [("response_format", "json_schema", json.dumps(schema))]
+    raise InvalidRequest(f"response_format.type: {kind!r} is not supported (allowed: json_object, json_schema)")
+
+
+def structured_outputs(value: Any) -> list[Source]:
+    """vLLM's ``structured_outputs``: one of json (a schema, or its text), json_object, regex, choice, grammar."""
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"structured_outputs: must be an object, got {kind_name(value)}")
+    sources: list[Source] = []
+    for key, item in value.items():
+        name = f"structured_outputs.{key}"
+        if key not in STRUCTURED_OUTPUTS:
+            raise InvalidRequest(f"{name}: unknown field (allowed: {', '.join(STRUCTURED_OUTPUTS)})")
+        if item is None or (key == "json_object" and item is False):
+            continue
+        if key == "json":
+            text = item if isinstance(item, str) else json.dumps(item)
+            if not isinstance(item, str | dict | bool):
+                raise InvalidRequest(f"{name}: must be a JSON schema (an object or its text), got {kind_name(item)}")
+            sources.append((name, "json_schema", text))
+        elif key == "json_object":
+            boolean(name, item)
+            sources.append((name, "json_object", None))
+        elif key == "choice":
+            if not isinstance(item, list) or not all(isinstance(c, str) for c in item):
+                raise InvalidRequest(f"{name}: must be an array of strings, got {kind_name(item)}")
+            sources.append((name, "choice", item))
+        else:
+            sources.append((name, key, string(name, item)))
+    return sources
+
+
+def apply_constraint(request: pb.GenerateRequest, sources: list[Source], names: dict[str, str]) -> None:
+    """Set the one constraint the body gives (``names`` learns which body field it came from)."""
+    if len(sources) > 1:
+        fields = ", ".join(CONSTRAINT_FIELD_NUMBERS.values())
+        given = ", ".join(name for name, _, _ in sources)
+        raise InvalidRequest(f"constraint: give at most one of {fields} (got {given})")
+    for name, kind, value in sources:
+        names[kind] = name
+        if kind == "json_object":
+            request.json_object.SetInParent()
+        elif kind == "choice":
+            request.choice.values.extend(value)
+        else:
+            setattr(request, kind, value)
+
+
 def completion_request(body: Mapping[str, Any]) -> HttpRequest:
     """``POST /v1/completions``."""
-    allowed = {"model", "prompt", "stream", "stream_options", "logprobs", "echo", "suffix", "best_of", "logit_bias"}
+    allowed = {
+        "model", "prompt", "stream", "stream_options", "logprobs", "echo", "suffix", "best_of", "logit_bias",
+        "response_format", "structured_outputs",
+    }  # fmt: skip
     check_fields(body, allowed | set(SAMPLING))
     request = pb.GenerateRequest()
     prompt = body.get("prompt")
@@ -254,14 +344,17 @@ def completion_request(body: Mapping[str, Any]) -> HttpRequest:
     if body.get("best_of") is not None and body["best_of"] != body.get("n", 1):
         raise InvalidRequest(f"best_of: must equal n ({body.get('n', 1)}), got {body['best_of']!r}")
     stream, include_usage = stream_fields(body)
-    return HttpRequest(request, model_field(body), stream, include_usage, param_names={"top_logprobs": "logprobs"})
+    names = {"top_logprobs": "logprobs"}
+    sources = openai_response_format(body.get("response_format")) + structured_outputs(body.get("structured_outputs"))
+    apply_constraint(request, sources, names)
+    return HttpRequest(request, model_field(body), stream, include_usage, param_names=names)
 
 
 def chat_request(body: Mapping[str, Any]) -> HttpRequest:
     """``POST /v1/chat/completions``."""
     allowed = {
         "model", "messages", "stream", "stream_options", "logprobs", "top_logprobs", "max_completion_tokens",
-        "response_format", "tools", "tool_choice", "logit_bias",
+        "response_format", "structured_outputs", "tools", "tool_choice", "logit_bias",
     }  # fmt: skip
     check_fields(body, allowed | set(SAMPLING))
     if "messages" not in body:
@@ -277,16 +370,24 @@ def chat_request(body: Mapping[str, Any]) -> HttpRequest:
             raise InvalidRequest("top_logprobs: needs logprobs: true")
         request.top_logprobs = unsigned("top_logprobs", top, 0)
     request.logprobs = logprobs
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise InvalidRequest("response_format: only {'type': 'text'} is supported")
-    if body.get("tools"):
-        raise InvalidRequest("tools: tool calls are not supported yet (allowed: null or [])")
-    must_be_null_or(body, "tool_choice", "none", "only 'none' is supported without tools")
     must_be_null_or(body, "logit_bias", {}, "not supported (allowed: null or {})")
     stream, include_usage = stream_fields(body)
     names = {"max_tokens": "max_completion_tokens"} if "max_completion_tokens" in body else {}
-    return HttpRequest(request, model_field(body), stream, include_usage, logprobs, param_names=names)
+    sources = openai_response_format(body.get("response_format")) + structured_outputs(body.get("structured_outputs"))
+    tools = body.get("tools") or []
+    specs = parse_tools(tools)
+    mode, callable_ = choose(body.get("tool_choice"), specs)
+    if mode == "forced":
+        if sources:
+            raise InvalidRequest(f"tool_choice: a forced tool call cannot be combined with {sources[0][0]}")
+        one = body.get("tool_choice") != "required"
+        sources = [("tool_choice", "json_schema", json.dumps(calls_schema(callable_, one)))]
+    if mode != "none":
+        add_tools(request.messages, tools, specs)
+    apply_constraint(request, sources, names)
+    choice = ToolChoice(mode, frozenset(s.name for s in callable_)) if mode != "none" else None
+    return HttpRequest(request, model_field(body), stream, include_usage, logprobs, param_names=names,
+                       tool_choice=choice)  # fmt: skip
 
 
 WORKERS_AI_SAMPLING = (
@@ -297,7 +398,7 @@ WORKERS_AI_SAMPLING = (
 
 def workers_ai_request(body: Mapping[str, Any]) -> HttpRequest:
     """``POST /ai/run/{model}``: ``prompt`` (a user message, or as it is with ``raw``) or ``messages``."""
-    allowed = {"prompt", "messages", "raw", "stream", *WORKERS_AI_SAMPLING}
+    allowed = {"prompt", "messages", "raw", "stream", "response_format", *WORKERS_AI_SAMPLING}
     check_fields(body, allowed)
     raw = boolean("raw", body["raw"]) if body.get("raw") is not None else False
     has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
@@ -316,7 +417,10 @@ def workers_ai_request(body: Mapping[str, Any]) -> HttpRequest:
         request.messages.CopyFrom(message_list(body["messages"]))
     apply_sampling(request, body, {})
     stream = boolean("stream", body["stream"]) if body.get("stream") is not None else False
-    return HttpRequest(request, None, stream)
+    names: dict[str, str] = {}
+    sources = workers_ai_response_format(body.get("response_format"))
+    apply_constraint(request, sources, names)
+    return HttpRequest(request, None, stream, param_names=names, json_response=bool(sources))
 
 
 def param_of(message: str, names: Mapping[str, str]) -> str | None:

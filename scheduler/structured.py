@@ -1,0 +1,145 @@
+"""Structured output: a request's ``Constraint`` enforced token by token with llguidance.
+
+A constraint becomes an llguidance grammar (JSON schema, any JSON object, regex, a choice
+among strings, a Lark or GBNF grammar). ``check_constraint`` validates it without a
+tokenizer, for the front-end. In the engine, ``GrammarCompiler`` builds a matcher for the
+grammar against the model's vocabulary on its own thread (llguidance drops the GIL while it
+builds), caches the pristine matcher by the constraint's text, and hands each sequence a deep
+copy. Each step, ``StructuredBatch`` fills one bitmask row (one bit per token) per constrained
+row in a single call that runs in parallel over the matchers; the sampler turns the bits into
+``-inf`` logits. A sequence's matcher advances with every token it accepts, so preemption
+(which keeps generated tokens) needs nothing, and parallel samples fork their parent's matcher.
+
+JSON is generated compactly with the separators ``", "`` and ``": "`` (``json.dumps``'s
+defaults): free whitespace between tokens lets a small model wander in spaces until its
+``max_tokens`` instead of closing the object.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from llguidance import LLExecutor, LLMatcher, LLTokenizer
+from llguidance.gbnf_to_lark import gbnf_to_lark
+
+from scheduler.request import Constraint, ConstraintKind
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+CACHE_SIZE = 256
+
+
+def grammar_text(constraint: Constraint) -> str:
+    """The llguidance grammar of ``constraint``; ValueError naming the field if it cannot be one."""
+    kind = constraint.kind
+    if kind == ConstraintKind.JSON_SCHEMA:
+        try:
+            schema = json.loads(constraint.text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"json_schema: not valid JSON ({exc})") from None
+        if not isinstance(schema, dict | bool):
+            raise ValueError(f"json_schema: must be a JSON object or boolean, got {type(schema).__name__}")
+        return str(LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS))  # type: ignore[arg-type]
+    if kind == ConstraintKind.JSON_OBJECT:
+        return str(LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_OPTIONS))  # type: ignore[arg-type]
+    if kind == ConstraintKind.REGEX:
+        return str(LLMatcher.grammar_from_regex(constraint.text))
+    if kind == ConstraintKind.CHOICE:
+        return str(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in constraint.choices)))
+    text = constraint.text
+    if "::=" in text:  # GBNF (llama.cpp's format); Lark rules use ":"
+        try:
+            text = gbnf_to_lark(text)
+        except Exception as exc:  # the converter raises plain exceptions for syntax errors
+            raise ValueError(f"grammar: not a valid GBNF grammar ({exc})") from None
+    return str(LLMatcher.grammar_from_lark(text))
+
+
+def check_constraint(constraint: Constraint) -> None:
+    """ValueError naming the field and llguidance's reason when the constraint does not compile."""
+    error = LLMatcher.validate_grammar(grammar_text(constraint))
+    if error:
+        raise ValueError(f"{constraint.kind.value}: {error.strip()}")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A pristine matcher for one constraint; ``start`` copies it for a new sequence."""
+
+    matcher: LLMatcher
+    seconds: float  # building it; 0.0 when it came from the cache
+    cached: bool
+
+    def start(self) -> LLMatcher:
+        return self.matcher.deep_copy()
+
+
+class GrammarCompiler:
+    """Builds matchers off the engine thread and caches them by constraint text (LRU)."""
+
+    def __init__(self, tokenizer: Callable[[], LLTokenizer], cache_size: int = CACHE_SIZE) -> None:
+        """``tokenizer`` is called once, on the compiler's thread, before the first grammar
+        (reading a vocabulary takes ~0.5 s: servers that never see a constraint never pay it)."""
+        self._make_tokenizer = tokenizer
+        self._tokenizer: LLTokenizer | None = None
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str, tuple[str, ...]], LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+
+    def submit(self, constraint: Constraint, done: Callable[[], None] = lambda: None) -> Future[Compiled]:
+        """A future of the constraint's matcher (already done on a cache hit); ``done`` runs when ready."""
+        key = constraint.key
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+        if hit is not None:
+            future: Future[Compiled] = Future()
+            future.set_result(Compiled(hit, 0.0, cached=True))
+        else:
+            future = self._pool.submit(self._build, constraint)
+        future.add_done_callback(lambda _: done())
+        return future
+
+    def _build(self, constraint: Constraint) -> Compiled:
+        if self._tokenizer is None:
+            self._tokenizer = self._make_tokenizer()
+        start = time.perf_counter()
+        matcher = LLMatcher(self._tokenizer, grammar_text(constraint), log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"{constraint.kind.value}: {matcher.get_error().strip()}")
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self._cache[constraint.key] = matcher
+            self._cache.move_to_end(constraint.key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return Compiled(matcher, seconds, cached=False)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class StructuredBatch:
+    """Fills the allowed-token bitmask of a step's constrained rows, all matchers in one call."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self._executor = LLExecutor()
+
+    def bitmask(self, matchers: Sequence[LLMatcher]) -> torch.Tensor:
+        """(len(matchers), words) int32: bit ``t % 32`` of word ``t // 32`` of row i is set where
+        token t may follow in ``matchers[i]``'s state."""
+        mask = torch.full((len(matchers), self.words), -1, dtype=torch.int32)
+        self._executor.unsafe_compute_mask_ptr(
+            [(matcher, row) for row, matcher in enumerate(matchers)], mask.data_ptr(), self.words * 4, len(matchers)
+        )
+        return mask

@@ -1,0 +1,289 @@
+"""Structured output below the server: constraint checks, the sampler's bitmask, the engine's
+matchers (parallel samples, preemption, compile off the engine thread), tool-call parsing."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+from mistralserve.v1 import generation_pb2 as pb
+
+from model.sampler import Sampler, SamplingRow
+from scheduler.request import MAX_CONSTRAINT_BYTES, Constraint, ConstraintKind, RequestOutput, SamplingParams
+from scheduler.structured import Compiled, GrammarCompiler, check_constraint
+from server.http.tools import CallStream, ToolChoice, parse_calls
+from server.runtime import RuntimeOptions, build_runtime
+from server.validation import InvalidRequest, Parsed, constraint, deserializer
+from tests.engine_harness import run
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,9}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+# -- constraints: form and compilation ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": ConstraintKind.CHOICE, "choices": ()}, "choice must be a non-empty list of strings, got []"),
+        ({"kind": ConstraintKind.CHOICE, "choices": ("a", "")}, "choice must hold non-empty strings"),
+        ({"kind": ConstraintKind.REGEX, "text": "  "}, "regex must be a non-empty string"),
+        ({"kind": ConstraintKind.GRAMMAR, "text": ""}, "grammar must be a non-empty string"),
+        (
+            {"kind": ConstraintKind.JSON_SCHEMA, "text": "x" * (MAX_CONSTRAINT_BYTES + 1)},
+            f"json_schema must be at most {MAX_CONSTRAINT_BYTES} bytes, got {MAX_CONSTRAINT_BYTES + 1}",
+        ),
+    ],
+    ids=["empty_choice", "empty_string_choice", "blank_regex", "empty_grammar", "too_big"],
+)
+def test_constraint_form_is_checked(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        Constraint(**kwargs)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("constraint_", "reason"),
+    [
+        (Constraint(ConstraintKind.JSON_SCHEMA, '{"type": "strin"}'), "json_schema: Invalid type: strin"),
+        (Constraint(ConstraintKind.JSON_SCHEMA, "{not json"), "json_schema: not valid JSON"),
+        (Constraint(ConstraintKind.JSON_SCHEMA, "[1, 2]"), "json_schema: must be a JSON object or boolean, got list"),
+        (
+            Constraint(ConstraintKind.JSON_SCHEMA, '{"properties": {"a": {"$ref": "#/nope"}}}'),
+            "json_schema: Pointer '/nope' does not exist",
+        ),
+        (Constraint(ConstraintKind.REGEX, "a(b"), "regex: "),
+        (Constraint(ConstraintKind.GRAMMAR, "start: missing_rule"), "grammar: "),
+        (Constraint(ConstraintKind.GRAMMAR, "root ::= [0-9"), "grammar: "),
+    ],
+    ids=["bad_type", "not_json", "not_object", "bad_ref", "regex", "lark", "gbnf"],
+)
+def test_bad_constraints_name_the_field_and_the_library_reason(constraint_: Constraint, reason: str) -> None:
+    with pytest.raises(ValueError) as error:
+        check_constraint(constraint_)
+    assert str(error.value).startswith(reason)
+    if constraint_.kind == ConstraintKind.REGEX:
+        assert "unclosed group" in str(error.value)
+    if constraint_.text == "start: missing_rule":
+        assert 'unknown name: "missing_rule"' in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "constraint_",
+    [
+        Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(PERSON)),
+        Constraint(ConstraintKind.JSON_OBJECT),
+        Constraint(ConstraintKind.REGEX, r"\d{3}-[a-z]+"),
+        Constraint(ConstraintKind.CHOICE, choices=('say "hi"', "back\\slash", "new\nline", "émoji 🎉")),
+        Constraint(ConstraintKind.GRAMMAR, 'start: NUM ("+" NUM)*\nNUM: /[0-9]+/'),
+        Constraint(ConstraintKind.GRAMMAR, 'root ::= num ("+" num)*\nnum ::= [0-9]+'),
+    ],
+    ids=["schema", "object", "regex", "choice", "lark", "gbnf"],
+)
+def test_good_constraints_pass(constraint_: Constraint) -> None:
+    check_constraint(constraint_)
+
+
+def request_bytes(**fields: Any) -> bytes:
+    return pb.GenerateRequest(prompt="x", **fields).SerializeToString()
+
+
+def test_two_constraints_on_the_wire_are_refused() -> None:
+    raw = request_bytes(regex="a+") + request_bytes(choice=pb.Choices(values=["a"]))
+    parsed = deserializer(pb.GenerateRequest)(raw)
+    assert parsed.constraint_fields == 2
+    assert parsed.message.WhichOneof("constraint") == "choice"  # protobuf keeps the last one silently
+    with pytest.raises(InvalidRequest) as error:
+        constraint(parsed.message, parsed.constraint_fields)
+    assert (
+        str(error.value) == "constraint: give at most one of json_schema, json_object, regex, choice, grammar (got 2)"
+    )
+
+
+def test_one_constraint_becomes_the_engines() -> None:
+    parsed = deserializer(pb.GenerateRequest)(request_bytes(choice=pb.Choices(values=["yes", "no"])))
+    assert isinstance(parsed, Parsed) and parsed.constraint_fields == 1
+    assert constraint(parsed.message, 1) == Constraint(ConstraintKind.CHOICE, choices=("yes", "no"))
+    plain = deserializer(pb.GenerateRequest)(request_bytes())
+    assert constraint(plain.message, plain.constraint_fields) is None
+
+
+# -- the sampler's bitmask ---------------------------------------------------------------------
+
+
+def bitmask_of(allowed: list[set[int]], vocab: int) -> torch.Tensor:
+    words = (vocab + 31) // 32
+    mask = torch.zeros(len(allowed), words, dtype=torch.int64)
+    for row, tokens in enumerate(allowed):
+        for t in tokens:
+            mask[row, t // 32] |= 1 << (t % 32)
+    return mask.to(torch.int32)  # wraps bit 31 to the sign bit, as llguidance writes it
+
+
+def test_bitmask_masks_only_the_constrained_rows() -> None:
+    vocab = 100
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(torch.Generator().manual_seed(1))
+    greedy = [SamplingRow(temperature=0.0)] * 4
+    free = sampler.sample(logits, greedy)
+    allowed = [{3, 31, 63, 99}, {0, 32, 95}]
+    masked = sampler.sample(logits, greedy, constrained=[1, 3], bitmask=bitmask_of(allowed, vocab))
+    assert masked[0].token_id == free[0].token_id and masked[2].token_id == free[2].token_id
+    for row, tokens in zip((1, 3), allowed, strict=True):
+        best = max(tokens, key=lambda t: logits[row, t].item())
+        assert masked[row].token_id == best
+    sampled = [SamplingRow(temperature=1.5)] * 4
+    seen: set[int] = set()
+    for _ in range(200):
+        choice = sampler.sample(logits, sampled, constrained=[1], bitmask=bitmask_of([allowed[0]], vocab))[1]
+        seen.add(choice.token_id)
+    assert seen == allowed[0]  # every allowed token drawn at temperature 1.5, nothing else
+
+
+# -- the engine -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runtime(default_model_path: Path) -> Any:
+    """The default model with a 48-block pool: n = 4 samples of a long prompt must preempt."""
+    return build_runtime(RuntimeOptions(default_model_path, kv_cache_memory=48 * 368640, max_num_seqs=16))
+
+
+def test_parallel_samples_and_preemption_keep_every_sample_valid(runtime: Any) -> None:
+    tokenizer = runtime.tokenizer
+    schema = json.dumps(PERSON)
+    requests = []
+    for i in range(4):
+        prompt = tokenizer.encode_chat(
+            [{"role": "user", "content": f"Request {i}: " + "describe a person as JSON. " * 20}]
+        )
+        params = SamplingParams(
+            temperature=0.9, seed=100 + i, n=4, max_tokens=120,
+            constraint=Constraint(ConstraintKind.JSON_SCHEMA, schema),
+        )  # fmt: skip
+        requests.append(runtime.request(f"r{i}", prompt, params))
+    preempted_before = runtime.engine.scheduler.num_preemptions
+    results = run(runtime.engine, requests)
+    assert runtime.engine.scheduler.num_preemptions > preempted_before
+    for request_id, result in results.items():
+        for index in range(4):
+            text = result.text(index)
+            assert result.final(index).finish_reason == "stop", (request_id, index, text)
+            jsonschema.validate(json.loads(text), PERSON)
+    texts = {results[r].text(i) for r in results for i in range(4)}
+    assert len(texts) > 4  # the samples differ: each advanced its own matcher
+    assert runtime.blocks.num_free_blocks == runtime.blocks.num_blocks
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.outputs: list[RequestOutput] = []
+
+    def put(self, output: RequestOutput) -> None:
+        self.outputs.append(output)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.outputs) and self.outputs[-1].finished
+
+
+def test_a_slow_grammar_does_not_stall_other_requests(runtime: Any) -> None:
+    """While one request's grammar compiles (held here), another request runs to its end."""
+    release = threading.Event()
+    compiler: GrammarCompiler = runtime.engine.grammars
+    build = compiler._build
+
+    def slow_build(c: Constraint) -> Compiled:
+        release.wait(30)
+        return build(c)
+
+    compiler._build = slow_build  # type: ignore[method-assign]
+    engine = runtime.engine
+    tokenizer = runtime.tokenizer
+    try:
+        held = runtime.request(
+            "held", tokenizer.encode("Pick:"),
+            SamplingParams(temperature=0.0, max_tokens=8, constraint=Constraint(ConstraintKind.REGEX, "[a-z]{1,6}!")),
+        )  # fmt: skip
+        free = runtime.request(
+            "free", tokenizer.encode("Once upon a time"), SamplingParams(temperature=0, max_tokens=6)
+        )
+        held_out, free_out = Collect(), Collect()
+        engine.submit(held, held_out)
+        engine.submit(free, free_out)
+        deadline = time.monotonic() + 60
+        while not free_out.finished and time.monotonic() < deadline:
+            engine.step()
+        assert free_out.finished and not held_out.finished and not held_out.outputs
+        assert sum(len(o.token_ids) for o in free_out.outputs) == 6
+        release.set()
+        while not held_out.finished and time.monotonic() < deadline:
+            engine.step()
+        text = "".join(o.text for o in held_out.outputs)
+        assert held_out.outputs[-1].finish_reason == "stop"
+        assert re.fullmatch("[a-z]{1,6}!", text), text
+    finally:
+        release.set()
+        compiler._build = build  # type: ignore[method-assign]
+
+
+# -- tool calls read back from the output ----------------------------------------------------
+
+NAMES = frozenset({"get_weather", "add"})
+
+
+def test_forced_calls_stream_one_call_per_complete_object() -> None:
+    stream = CallStream(ToolChoice("forced", NAMES))
+    pieces = [
+        '[{"name": "get_weather", "argu',
+        'ments": {"city": "Par',
+        'is"}}, {"name": "add", ',
+        '"arguments": {"a": 1}}]',
+    ]
+    got = [stream.feed(p) for p in pieces]
+    assert [len(calls) for _, calls in got] == [0, 0, 1, 1]
+    assert all(content == "" for content, _ in got)
+    assert got[2][1][0].name == "get_weather" and json.loads(got[2][1][0].arguments) == {"city": "Paris"}
+    assert got[3][1][0].name == "add" and json.loads(got[3][1][0].arguments) == {"a": 1}
+    assert stream.finish() == ("", [])
+
+
+def test_auto_streams_text_at_once_and_holds_calls_to_the_end() -> None:
+    text = CallStream(ToolChoice("auto", NAMES))
+    assert text.feed("  ") == ("", [])
+    assert text.feed("Hello") == ("  Hello", [])
+    assert text.feed(" there") == (" there", [])
+    calls = CallStream(ToolChoice("auto", NAMES))
+    assert calls.feed("[TOOL_") == ("", [])
+    assert calls.feed('CALLS] [{"name": "add", "arguments": {"a": 2}}]') == ("", [])
+    content, found = calls.finish()
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in found] == [("add", {"a": 2})]
+    unknown = CallStream(ToolChoice("auto", NAMES))
+    assert unknown.feed('[{"name": "delete_all", "arguments": {}}]') == ("", [])
+    assert unknown.finish() == ('[{"name": "delete_all", "arguments": {}}]', [])
+
+
+def test_parse_calls_accepts_only_calls_of_known_tools() -> None:
+    assert parse_calls('{"name": "add", "arguments": {"a": 1}}', NAMES) is not None
+    assert parse_calls('[{"name": "add", "arguments": "1"}]', NAMES) is None
+    assert parse_calls("[1, 2]", NAMES) is None
+    assert parse_calls("The weather is fine.", NAMES) is None
+    [call] = parse_calls('[{"name": "add", "arguments": {"a": 1}}]', NAMES) or []
+    assert call.json(0)["function"] == {"name": "add", "arguments": '{"a": 1}'}
+    assert call.id.startswith("call_") and len(call.id) == 29
