@@ -54,7 +54,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     "n_seventeen": ({"prompt": "hi", "n": 17}, "n: must be in [1, 16], got 17"),
     "unknown_chat_role": (
         {"messages": pb.ChatMessages(messages=[USER, pb.ChatMessage(role="robot", content="beep")])},
-        "messages[1].role: 'robot' is not one of system, user, assistant",
+        "messages[1].role: 'robot' is not one of system, user, assistant, tool",
     ),
     "token_id_outside_vocabulary": (
         {"prompt_token_ids": pb.TokenIds(ids=[5, 128])},

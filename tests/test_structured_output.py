@@ -213,7 +213,7 @@ def test_a_slow_grammar_does_not_stall_other_requests(runtime: Any) -> None:
         release.wait(30)
         return build(c)
 
-    compiler._build = slow_build  # type: ignore[method-assign]
+    compiler._build = slow_build  # type: ignore[method-assign,assignment]
     engine = runtime.engine
     tokenizer = runtime.tokenizer
     try:

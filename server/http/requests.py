@@ -224,7 +224,24 @@ def message_list(value: Any, name: str = "messages") -> pb.ChatMessages:
             content = ""
         else:
             content = string(f"{where}.content", content)
-        messages.messages.add(role="system" if role == "developer" else role, content=content)
+        turn = messages.messages.add(role="system" if role == "developer" else role, content=content)
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise InvalidRequest(f"{where}.tool_calls: must be an array, got {kind_name(calls)}")
+            for j, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict):
+                    raise InvalidRequest(f"{where}.tool_calls[{j}].function: must be an object with name and arguments")
+                turn.tool_calls.add(
+                    id=string(f"{where}.tool_calls[{j}].id", call.get("id", "")),
+                    name=string(f"{where}.tool_calls[{j}].function.name", function.get("name")),
+                    arguments=string(f"{where}.tool_calls[{j}].function.arguments", function.get("arguments", "{}")),
+                )
+        if message.get("tool_call_id") is not None:
+            turn.tool_call_id = string(f"{where}.tool_call_id", message["tool_call_id"])
+        if message.get("name") is not None:
+            turn.name = string(f"{where}.name", message["name"])
     return messages
 
 
