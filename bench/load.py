@@ -49,7 +49,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def load(target: str, workload: list[list[int]], concurrency: int) -> Run:
+async def load(target: str, workload: list[list[int]], concurrency: int, json_schema: str | None = None) -> Run:
+    """``json_schema``: every request constrained by it (``bench.structured``)."""
     run = Run()
     gate = asyncio.Semaphore(concurrency)
     stopping = pb.StoppingOptions(max_tokens=OUTPUT, min_tokens=OUTPUT, ignore_eos=True)
@@ -62,6 +63,7 @@ async def load(target: str, workload: list[list[int]], concurrency: int) -> Run:
                     prompt_token_ids=pb.TokenIds(ids=prompt),
                     sampling=pb.SamplingOptions(temperature=0.0),
                     stopping=stopping,
+                    json_schema=json_schema,
                 )
                 last = time.perf_counter()
                 seen_token = False

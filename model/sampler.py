@@ -98,6 +98,7 @@ class Sampler:
         vocab = logits.shape[1]
         shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
         allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(len(constrained), -1)[:, :vocab].bool()
+        allowed[~allowed.any(dim=1)] = True  # a matcher in error allows nothing: sample freely, it fails the token
         index = torch.tensor(list(constrained), device=logits.device)
         x = logits.clone()
         x[index] = x[index].masked_fill(~allowed.to(logits.device), NEG_INF)
