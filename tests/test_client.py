@@ -53,6 +53,25 @@ def test_request_builder_refuses_ambiguous_input(server: ServerProcess) -> None:
             client.generate("a", temprature=0.5)
 
 
+def test_client_constraints_shape_the_output(server: ServerProcess) -> None:
+    """The tiny model's character vocabulary, spelled out for llguidance: every sample obeys."""
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["a"], "additionalProperties": False}  # fmt: skip
+    with Client(server.target, timeout=120) as client:
+        choice = client.generate("Hello", choice=["yes", "no"], temperature=1.0, seed=3, n=4, max_tokens=10)
+        regex = client.generate("Hello", regex="[a-c]{2,4}-[0-9]", temperature=1.0, seed=4, n=4, max_tokens=10)
+        shaped = client.generate("Hello", json_schema=schema, temperature=1.0, seed=5, n=4, max_tokens=20)
+        with pytest.raises(ValueError, match="give at most one of json_schema, json_object, regex, choice, grammar"):
+            client.generate("a", regex="a", choice=["a"])
+    assert all(text in ("yes", "no") for text in choice.texts) and len(choice.texts) == 4
+    assert all(re.fullmatch("[a-c]{2,4}-[0-9]", text) for text in regex.texts), regex.texts
+    assert all(json.loads(text)["a"] in range(10) for text in shaped.texts), shaped.texts
+    assert set(choice.finish_reasons) == {"stop"}
+
+
 @pytest.mark.slow
 def test_client_installs_without_torch_and_its_cli_streams(server: ServerProcess, tmp_path: Path) -> None:
     venv = tmp_path / "venv"

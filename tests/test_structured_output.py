@@ -287,3 +287,29 @@ def test_parse_calls_accepts_only_calls_of_known_tools() -> None:
     [call] = parse_calls('[{"name": "add", "arguments": {"a": 1}}]', NAMES) or []
     assert call.json(0)["function"] == {"name": "add", "arguments": '{"a": 1}'}
     assert call.id.startswith("call_") and len(call.id) == 29
+
+
+# -- vocabularies as llguidance sees them ------------------------------------------------------
+
+
+def test_every_tokenizer_kind_gives_llguidance_its_bytes(default_model_path: Path, tiny_checkpoint: Path) -> None:
+    """GGUF byte-level BPE (read by llguidance itself), a character vocabulary with a Fuse decoder
+    (spelled out), SentencePiece v3 (spelled out): llguidance tokenizes like we do, decodes back,
+    and the vocabulary is padded to the model's size."""
+    from server.grammar_vocab import grammar_tokenizer
+    from server.tokenizer_loader import load_tokenizer
+    from server.tokenizer_spm import SentencePieceTokenizer
+    from tests.test_tokenizers import V3
+
+    text = 'Hello world, été 🎉 {"a": [1, 2]}'
+    for tokenizer, vocab_size in (
+        (load_tokenizer(default_model_path), 49152),
+        (load_tokenizer(tiny_checkpoint), 160),
+        (SentencePieceTokenizer.from_file(str(V3)), 32768),
+    ):
+        ll = grammar_tokenizer(tokenizer, vocab_size)
+        assert ll.vocab_size == vocab_size
+        ids = tokenizer.encode(text if tokenizer.vocab_size > 200 else "hello world", add_special_tokens=False)
+        assert ll.tokenize_str(text if tokenizer.vocab_size > 200 else "hello world") == ids
+        assert ll.decode_str(ids).lstrip() == tokenizer.decode(ids)
+        assert list(ll.eos_tokens) == list(tokenizer.special.eos_ids)

@@ -11,7 +11,7 @@ import mistral_common
 import pytest
 import sentencepiece
 
-from server.chat_template import MISTRAL_TEMPLATE, ChatTemplate, ChatTemplateError
+from server.chat_template import MISTRAL_TEMPLATE, TOOL_PROMPT, ChatTemplate, ChatTemplateError
 from server.tokenizer import Tokenizer
 from server.tokenizer_loader import load_tokenizer
 from server.tokenizer_spm import SentencePieceTokenizer
@@ -204,3 +204,47 @@ def test_chat_encoding_matches_transformers(default_model_path: Path, transforme
     if not isinstance(reference, list):  # a BatchEncoding in transformers 5
         reference = reference["input_ids"]
     assert load_tokenizer(default_model_path).encode_chat(MESSAGES) == list(reference)
+
+
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {"type": "object"}}}
+]
+CALL: dict[str, Any] = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+
+
+def test_mistral_template_renders_tools_in_the_v3_format() -> None:
+    messages: list[dict[str, Any]] = [
+        *MESSAGES,
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "2", "tool_call_id": "c1"},
+    ]
+    rendered = ChatTemplate(MISTRAL_TEMPLATE).render(messages, bos_token="<s>", eos_token="</s>", tools=TOOLS)
+    assert rendered == (
+        "<s>[INST] Hi [/INST] Hello!</s>"
+        '[AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "add", "description": "Add.", '
+        '"parameters": {"type": "object"}}}][/AVAILABLE_TOOLS][INST] What is GQA? [/INST]'
+        '[TOOL_CALLS] [{"name": "add", "arguments": {"a": 1}, "id": "c1"}]</s>'
+        '[TOOL_RESULTS] {"content": "2", "call_id": "c1"}[/TOOL_RESULTS]'
+    )
+    with pytest.raises(ChatTemplateError, match="a tool message must follow an assistant message with tool_calls"):
+        ChatTemplate(MISTRAL_TEMPLATE).render([*MESSAGES, {"role": "tool", "content": "x", "tool_call_id": ""}],
+                                              bos_token="<s>", eos_token="</s>")  # fmt: skip
+
+
+def test_a_template_that_takes_tools_gets_them_as_they_are() -> None:
+    template = ChatTemplate("{% for t in tools %}{{ t.function.name }};{% endfor %}{{ messages[-1].content }}")
+    assert template.takes_tools
+    assert template.render(MESSAGES, bos_token="", eos_token="", tools=TOOLS) == "add;What is GQA?"
+
+
+def test_a_template_without_tools_gets_them_described_in_the_last_user_turn() -> None:
+    template = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    assert not template.takes_tools
+    messages: list[dict[str, Any]] = [*MESSAGES, {"role": "assistant", "content": "", "tool_calls": [CALL]}]
+    rendered = template.render(messages, bos_token="", eos_token="", tools=TOOLS)
+    described = '{"name": "add", "description": "Add.", "parameters": {"type": "object"}}'
+    assert rendered == (
+        "<user>Hi<assistant>Hello!<user>What is GQA?"
+        + TOOL_PROMPT.format(tools=described)
+        + '<assistant>[{"name": "add", "arguments": {"a": 1}}]'
+    )

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int)
         sub.add_argument("--stop", action="append", help="stop string (repeatable)")
         sub.add_argument("--n", type=int, help="samples (without --stream)")
+        shape = sub.add_mutually_exclusive_group()
+        shape.add_argument("--json-schema", help="constrain the output: a JSON schema (its text, or @file)")
+        shape.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+        shape.add_argument("--regex", help="constrain the output to match this regular expression")
+        shape.add_argument("--choice", action="append", help="constrain the output to one of these (repeatable)")
+        shape.add_argument("--grammar", help="constrain the output: a Lark or GBNF grammar (its text, or @file)")
         if name == "chat":
             sub.add_argument("--system", help="a system message before the user message")
     tokenize = commands.add_parser("tokenize", help="token ids of a text")
@@ -61,6 +67,11 @@ def security(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def text_or_file(value: str | None) -> str | None:
+    """``@path`` reads the file."""
+    return Path(value[1:]).read_text() if value and value.startswith("@") else value
+
+
 def run(args: argparse.Namespace, client: Client) -> None:
     if args.command == "info":
         print(json.dumps(json_format.MessageToDict(client.model_info()), indent=2))
@@ -71,6 +82,8 @@ def run(args: argparse.Namespace, client: Client) -> None:
     options = {
         "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
         "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "n": args.n,
+        "json_schema": text_or_file(args.json_schema), "json_object": args.json_object or None, "regex": args.regex,
+        "choice": args.choice, "grammar": text_or_file(args.grammar),
     }  # fmt: skip
     if args.command == "chat":
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ SAMPLING = (
 )
 STOPPING = ("max_tokens", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output")
 TOP_LEVEL = ("n", "logprobs", "top_logprobs", "priority", "request_id")
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")  # at most one
 
 Request = TypeVar("Request", pb.GenerateRequest, pb.GenerateStreamRequest)
 
@@ -31,8 +33,11 @@ def build(
     prompt_token_ids: Sequence[int] | None = None,
     **options: Any,
 ) -> Request:
-    """``build(pb.GenerateRequest, "Hi", temperature=0.0, max_tokens=8)``; one input only."""
-    unknown = set(options) - {*SAMPLING, *STOPPING, *TOP_LEVEL}
+    """``build(pb.GenerateRequest, "Hi", temperature=0.0, max_tokens=8)``; one input only.
+
+    A constraint: ``json_schema=`` (a dict or its JSON text), ``json_object=True``, ``regex=``,
+    ``choice=[...]`` or ``grammar=`` (Lark or GBNF text)."""
+    unknown = set(options) - {*SAMPLING, *STOPPING, *TOP_LEVEL, *CONSTRAINTS}
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
     given = [
@@ -64,4 +69,17 @@ def build(
     for name in TOP_LEVEL:
         if options.get(name) is not None:
             setattr(request, name, options[name])
+    constraints = [name for name in CONSTRAINTS if options.get(name) not in (None, False)]
+    if len(constraints) > 1:
+        raise ValueError(f"give at most one of {', '.join(CONSTRAINTS)} (got {', '.join(constraints)})")
+    for name in constraints:
+        value = options[name]
+        if name == "json_schema":
+            request.json_schema = value if isinstance(value, str) else json.dumps(value)
+        elif name == "json_object":
+            request.json_object.SetInParent()
+        elif name == "choice":
+            request.choice.values.extend(value)
+        else:
+            setattr(request, name, value)
     return request
