@@ -80,6 +80,15 @@ class Compiled:
         return self.matcher.deep_copy()
 
 
+def _as_cached(built: Future[Compiled], future: Future[Compiled]) -> None:
+    """``future`` gets what ``built`` got, as a cache hit (its build is counted once)."""
+    error = built.exception()
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(Compiled(built.result().matcher, 0.0, cached=True))
+
+
 class GrammarCompiler:
     """Builds matchers off the engine thread and caches them by constraint text (LRU)."""
 
@@ -91,32 +100,40 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str, tuple[str, ...]], LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
+        self._building: dict[tuple[str, str, tuple[str, ...]], Future[Compiled]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
 
     def submit(self, constraint: Constraint, done: Callable[[], None] = lambda: None) -> Future[Compiled]:
         """A future of the constraint's matcher (already done on a cache hit); ``done`` runs when ready."""
         key = constraint.key
+        future: Future[Compiled] = Future()
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
-        if hit is not None:
-            future: Future[Compiled] = Future()
-            future.set_result(Compiled(hit, 0.0, cached=True))
-        else:
-            future = self._pool.submit(self._build, constraint)
+                future.set_result(Compiled(hit, 0.0, cached=True))
+            elif key in self._building:  # the same text is being built for another request: share it
+                self._building[key].add_done_callback(lambda built: _as_cached(built, future))
+            else:
+                future = self._building[key] = self._pool.submit(self._build, constraint)
         future.add_done_callback(lambda _: done())
         return future
 
     def _build(self, constraint: Constraint) -> Compiled:
-        if self._tokenizer is None:
-            self._tokenizer = self._make_tokenizer()
-        start = time.perf_counter()
-        matcher = LLMatcher(self._tokenizer, grammar_text(constraint), log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"{constraint.kind.value}: {matcher.get_error().strip()}")
-        seconds = time.perf_counter() - start
+        try:
+            if self._tokenizer is None:
+                self._tokenizer = self._make_tokenizer()
+            start = time.perf_counter()
+            matcher = LLMatcher(self._tokenizer, grammar_text(constraint), log_level=0)
+            if matcher.is_error():
+                raise ValueError(f"{constraint.kind.value}: {matcher.get_error().strip()}")
+            seconds = time.perf_counter() - start
+        except BaseException:
+            with self._lock:
+                self._building.pop(constraint.key, None)
+            raise
         with self._lock:
+            self._building.pop(constraint.key, None)
             self._cache[constraint.key] = matcher
             self._cache.move_to_end(constraint.key)
             while len(self._cache) > self.cache_size:

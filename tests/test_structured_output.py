@@ -313,3 +313,38 @@ def test_every_tokenizer_kind_gives_llguidance_its_bytes(default_model_path: Pat
         assert ll.tokenize_str(text if tokenizer.vocab_size > 200 else "hello world") == ids
         assert ll.decode_str(ids).lstrip() == tokenizer.decode(ids)
         assert list(ll.eos_tokens) == list(tokenizer.special.eos_ids)
+
+
+def test_one_build_per_text_however_many_requests_wait_for_it(default_model_path: Path) -> None:
+    """Requests for a text being built share that build (counted once); later ones hit the cache."""
+    from server.grammar_vocab import grammar_tokenizer
+    from server.tokenizer_loader import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_path)
+    release = threading.Event()
+    builds: list[Constraint] = []
+    compiler = GrammarCompiler(lambda: grammar_tokenizer(tokenizer, 49152))
+    build = compiler._build
+
+    def counted_build(c: Constraint) -> Compiled:
+        builds.append(c)
+        release.wait(30)
+        return build(c)
+
+    compiler._build = counted_build  # type: ignore[method-assign,assignment]
+    regex = Constraint(ConstraintKind.REGEX, "[a-z]+")
+    futures = [compiler.submit(regex) for _ in range(5)]
+    assert not any(f.done() for f in futures)
+    release.set()
+    results = [f.result(timeout=30) for f in futures]
+    assert builds == [regex]
+    assert [r.cached for r in results] == [False, True, True, True, True]
+    assert results[0].seconds > 0 and all(r.seconds == 0.0 for r in results[1:])
+    assert compiler.submit(regex).result(timeout=5).cached
+    bad = Constraint(ConstraintKind.GRAMMAR, "start: nowhere")
+    failing = [compiler.submit(bad) for _ in range(3)]
+    for future in failing:
+        with pytest.raises(ValueError, match="grammar: "):
+            future.result(timeout=30)
+    assert compiler._building == {}
+    compiler.shutdown()
