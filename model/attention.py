@@ -7,6 +7,7 @@ storage (dense, paged) and the metadata that says which keys each query sees.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -34,3 +35,15 @@ def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: 
     if sliding_window is not None:
         mask &= diff < sliding_window
     return mask
+
+
+class PerLayerWindows:
+    """Layers with different windows (Ministral): one attention object per distinct window, built
+    by ``make(window)``, and each layer calls the one for its own window."""
+
+    def __init__(self, make: Callable[[int | None], Attention], windows: Sequence[int | None]) -> None:
+        by_window = {window: make(window) for window in dict.fromkeys(windows)}
+        self.layers = [by_window[window] for window in windows]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.layers[layer](layer, q, k, v)

@@ -27,6 +27,7 @@ from torch import nn
 from model.batch import Batch
 from model.kv_cache import PagedKVCache
 from model.mistral import DecoderLayer, MistralModel
+from model.moe import SparseMoE, combine, route
 
 log = structlog.get_logger(__name__)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -78,13 +79,27 @@ class StepMetadata:
 
 
 @dataclass
+class _Experts:
+    """A Mixtral layer's feed-forward: the router (fp32, (experts, hidden)) and each expert's packed
+    gate_up and down; ``tokens`` counts the tokens routed to each expert."""
+
+    router: torch.Tensor
+    top_k: int
+    gate_up: list[Any]
+    down: list[Any]
+    tokens: torch.Tensor
+
+
+@dataclass
 class _Layer:
     input_norm: torch.Tensor
     qkv: Any  # kernels.PackedLinear
     o: Any
     post_norm: torch.Tensor
-    gate_up: Any
+    gate_up: Any  # None in MoE layers
     down: Any
+    window: int  # 0: none
+    experts: _Experts | None = None
 
 
 class _Buffers:
@@ -167,6 +182,17 @@ class CpuDecoder:
         def norm(parameter: nn.Parameter) -> torch.Tensor:
             return parameter.detach().float().contiguous()
 
+        def experts(i: int, layer: DecoderLayer) -> _Experts:
+            moe = cast(SparseMoE, layer.mlp)
+            count = cfg.num_experts
+            return _Experts(
+                router=norm(moe.router.weight),
+                top_k=moe.top_k,
+                gate_up=[pack(f"layers.{i}.mlp.experts.{e}.gate_up_proj", gated=True) for e in range(count)],
+                down=[pack(f"layers.{i}.mlp.experts.{e}.down_proj") for e in range(count)],
+                tokens=moe.expert_tokens,
+            )
+
         decoder_layers = [cast(DecoderLayer, layer) for layer in model.layers]
         self.layers = [
             _Layer(
@@ -174,8 +200,10 @@ class CpuDecoder:
                 qkv=pack(f"layers.{i}.self_attn.qkv_proj"),
                 o=pack(f"layers.{i}.self_attn.o_proj"),
                 post_norm=norm(layer.post_attention_layernorm.weight),
-                gate_up=pack(f"layers.{i}.mlp.gate_up_proj", gated=True),
-                down=pack(f"layers.{i}.mlp.down_proj"),
+                gate_up=None if cfg.is_moe else pack(f"layers.{i}.mlp.gate_up_proj", gated=True),
+                down=None if cfg.is_moe else pack(f"layers.{i}.mlp.down_proj"),
+                window=cfg.window_of(i) or 0,
+                experts=experts(i, layer) if cfg.is_moe else None,
             )
             for i, layer in enumerate(decoder_layers)
         ]
@@ -194,12 +222,10 @@ class CpuDecoder:
         half = cfg.head_dim // 2
         self.cos = model.rotary.cos[:, :half].float().contiguous()
         self.sin = model.rotary.sin[:, :half].float().contiguous()
-        self.window = cfg.sliding_window or 0
         self.scale = cfg.head_dim**-0.5
         self.buffers = _Buffers(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.q_size, cfg.intermediate_size,
                                 cfg.vocab_size)  # fmt: skip
-        self.weight_bytes = sum(p.nbytes for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up,
-                                layer.down)) + self.head.nbytes  # fmt: skip
+        self.weight_bytes = sum(p.nbytes for layer in self.layers for p in _packed(layer)) + self.head.nbytes
         if self.embedding_rows is not None and self.embedding_rows is not self.head:
             self.weight_bytes += self.embedding_rows.nbytes
 
@@ -221,12 +247,37 @@ class CpuDecoder:
                            cfg.num_heads)  # fmt: skip
             k.paged_attention(b["qkv"], key_cache, value_cache, meta.row_start, meta.num_queries, meta.start_pos,
                               meta.first_block, meta.table_offset, meta.table_len, meta.tables, cfg.num_heads,
-                              self.window, self.scale, b["attn"])  # fmt: skip
+                              layer.window, self.scale, b["attn"])  # fmt: skip
             layer.o.forward(b["attn"], x, ACCUMULATE)
             k.rms_norm(x, layer.post_norm, eps, b["h"])
-            layer.gate_up.forward(b["h"], b["act"], SILU_MUL)
-            layer.down.forward(b["act"], x, ACCUMULATE)
+            if layer.experts is None:
+                layer.gate_up.forward(b["h"], b["act"], SILU_MUL)
+                layer.down.forward(b["act"], x, ACCUMULATE)
+            else:
+                self._experts(layer.experts, b["h"], x)
         torch.index_select(x, 0, meta.logit_rows, out=b["final"])
         k.rms_norm(b["final"], self.final_norm, eps, b["normed"])
         self.head.forward(b["normed"], b["logits"], STORE)
         return b["logits"]
+
+    def _experts(self, experts: _Experts, h: torch.Tensor, x: torch.Tensor) -> None:
+        """``x += MoE(h)``: one gate_up and one down product per expert that has tokens this step."""
+        routing = route(h @ experts.router.T, experts.top_k)
+        experts.tokens += torch.tensor(routing.counts)
+        intermediate = self.config.intermediate_size
+
+        def expert(index: int, rows: torch.Tensor) -> torch.Tensor:
+            act = torch.empty(rows.shape[0], intermediate)
+            experts.gate_up[index].forward(rows, act, SILU_MUL)
+            out = torch.empty(rows.shape[0], rows.shape[1])
+            experts.down[index].forward(act, out, STORE)
+            return out
+
+        combine(h, routing, expert, x)
+
+
+def _packed(layer: _Layer) -> list[Any]:
+    """Every packed weight of a layer."""
+    if layer.experts is None:
+        return [layer.qkv, layer.o, layer.gate_up, layer.down]
+    return [layer.qkv, layer.o, *layer.experts.gate_up, *layer.experts.down]

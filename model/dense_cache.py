@@ -16,7 +16,7 @@ class DenseKVCache:
     """Per-layer K/V tensors of one sequence, grown by concatenation."""
 
     def __init__(self, config: ModelConfig) -> None:
-        self.sliding_window = config.sliding_window
+        self.windows = config.windows
         self.keys: list[torch.Tensor | None] = [None] * config.num_layers
         self.values: list[torch.Tensor | None] = [None] * config.num_layers
         self.length = 0
@@ -35,7 +35,7 @@ class DenseAttention:
         self.cache = cache
         self.start = start
         self.num_tokens = num_tokens
-        self._mask: torch.Tensor | None = None
+        self._masks: dict[int | None, torch.Tensor] = {}  # per window
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.cache
@@ -43,15 +43,16 @@ class DenseAttention:
         keys = k if old_k is None else torch.cat([old_k, k])
         values = v if old_v is None else torch.cat([old_v, v])
         cache.keys[layer], cache.values[layer] = keys, values
-        if self._mask is None:
+        window = cache.windows[layer]
+        if window not in self._masks:
             query_pos = torch.arange(self.start, self.start + self.num_tokens, device=q.device)
             key_pos = torch.arange(keys.shape[0], device=q.device)
-            self._mask = window_mask(query_pos, key_pos, cache.sliding_window)
+            self._masks[window] = window_mask(query_pos, key_pos, window)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1),  # (n_heads, T, head_dim)
             keys.transpose(0, 1),  # (n_kv_heads, S, head_dim)
             values.transpose(0, 1),
-            attn_mask=self._mask,
+            attn_mask=self._masks[window],
             enable_gqa=True,
         )
         return out.transpose(0, 1)

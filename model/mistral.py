@@ -16,6 +16,7 @@ from torch import nn
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, empty_weight, linear
+from model.moe import SparseMoE
 
 
 class SelfAttention(nn.Module):
@@ -47,7 +48,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.self_attn = SelfAttention(config, layer, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, dtype, device)
+        size = (config.hidden_size, config.intermediate_size)
+        self.mlp: nn.Module = (
+            SparseMoE(*size, config.num_experts, config.num_experts_per_tok, dtype, device)
+            if config.is_moe
+            else SwiGLU(*size, dtype, device)
+        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
         attn_out: torch.Tensor = self.self_attn(self.input_layernorm(x), cos, sin, attn)
@@ -69,6 +75,10 @@ _LAYER_TARGETS: dict[str, tuple[str, int | None]] = {
     "input_layernorm.weight": ("input_layernorm.weight", None),
     "post_attention_layernorm.weight": ("post_attention_layernorm.weight", None),
 }
+# Mixtral's feed-forward (Hugging Face names): the router and expert e's w1 (gate), w3 (up), w2 (down)
+_MOE_WEIGHT = re.compile(r"block_sparse_moe\.(?:gate|experts\.(\d+)\.(w[123]))\.weight")
+_MOE_SHARDS: dict[str, tuple[str, int | None]] = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),
+                                                  "w2": ("down_proj", None)}  # fmt: skip
 _TOP_TARGETS = {
     "model.embed_tokens.weight": "embed_tokens",
     "model.norm.weight": "norm.weight",
@@ -129,6 +139,14 @@ class MistralModel(nn.Module):
             names.add("lm_head.weight")
         for i in range(self.config.num_layers):
             names.update(f"model.layers.{i}.{suffix}" for suffix in _LAYER_TARGETS)
+            if self.config.is_moe:
+                names -= {f"model.layers.{i}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+                names.add(f"model.layers.{i}.block_sparse_moe.gate.weight")
+                names.update(
+                    f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
+                    for e in range(self.config.num_experts)
+                    for w in _MOE_SHARDS
+                )
         return names
 
     def expected_shape(self, name: str) -> tuple[int, ...]:
@@ -179,9 +197,19 @@ def weight_target(config: ModelConfig, name: str) -> tuple[str, int | None]:
             raise ValueError("checkpoint has lm_head.weight but the config ties the embeddings")
         return _TOP_TARGETS[name], None
     match = _LAYER_WEIGHT.fullmatch(name)
-    if match and match.group(2) in _LAYER_TARGETS and int(match.group(1)) < config.num_layers:
-        target, shard = _LAYER_TARGETS[match.group(2)]
-        return f"layers.{match.group(1)}.{target}", shard
+    if match and int(match.group(1)) < config.num_layers:
+        layer, rest = match.groups()
+        moe = _MOE_WEIGHT.fullmatch(rest)
+        if config.is_moe and moe:
+            expert, which = moe.groups()
+            if expert is None:
+                return f"layers.{layer}.mlp.router.weight", None
+            if int(expert) < config.num_experts:
+                target, shard = _MOE_SHARDS[which]
+                return f"layers.{layer}.mlp.experts.{expert}.{target}", shard
+        elif rest in _LAYER_TARGETS and not (config.is_moe and rest.startswith("mlp.")):
+            target, shard = _LAYER_TARGETS[rest]
+            return f"layers.{layer}.{target}", shard
     raise ValueError(f"unexpected tensor {name!r} for a {config.architecture} model")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.attention import Attention
+from model.attention import Attention, PerLayerWindows
 from model.attention_torch import TorchPagedAttention
 from model.batch import Batch
 from model.cpu_decoder import KERNEL_DTYPES, CpuDecoder
@@ -110,8 +110,14 @@ class ModelRunner:
         ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         with torch.inference_mode():
-            attention = self._attention(self.cache, batch, self.model.config.sliding_window, device)
+            attention = self._layer_attention(batch, device)
             hidden = self.model(ids, pos, attention)
             logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=device)])
         self.num_computed_tokens += len(token_ids)
         return logits
+
+    def _layer_attention(self, batch: Batch, device: torch.device) -> Attention:
+        config = self.model.config
+        if not config.layer_windows:
+            return self._attention(self.cache, batch, config.sliding_window, device)
+        return PerLayerWindows(lambda window: self._attention(self.cache, batch, window, device), config.windows)

@@ -14,7 +14,9 @@ import torch
 
 @dataclass(frozen=True)
 class TinySpec:
-    """One random configuration; ``window=None`` means no sliding window."""
+    """One random configuration; ``window=None`` means no sliding window. ``architecture``: ``mistral``,
+    ``llama``, ``mixtral`` (``experts``, ``top_k``) or ``ministral`` (``layer_types``: per layer,
+    ``sliding_attention`` or ``full_attention``); ``head_dim`` None: hidden / heads."""
 
     name: str
     heads: int
@@ -27,9 +29,13 @@ class TinySpec:
     intermediate: int = 128
     layers: int = 2
     vocab: int = 128
+    head_dim: int | None = None
+    experts: int = 0
+    top_k: int = 2
+    layer_types: tuple[str, ...] = ()
 
     def hf_config(self) -> Any:
-        from transformers import LlamaConfig, MistralConfig
+        from transformers import LlamaConfig, MinistralConfig, MistralConfig, MixtralConfig
 
         common: dict[str, Any] = dict(
             vocab_size=self.vocab,
@@ -45,8 +51,16 @@ class TinySpec:
             bos_token_id=1,
             eos_token_id=2,
         )
+        if self.head_dim is not None:
+            common["head_dim"] = self.head_dim
         if self.architecture == "llama":
             return LlamaConfig(**common)
+        if self.architecture == "mixtral":
+            return MixtralConfig(
+                sliding_window=self.window, num_local_experts=self.experts, num_experts_per_tok=self.top_k, **common
+            )
+        if self.architecture == "ministral":
+            return MinistralConfig(sliding_window=self.window, layer_types=list(self.layer_types), **common)
         return MistralConfig(sliding_window=self.window, **common)
 
 
@@ -57,6 +71,32 @@ PARITY_SPECS = [
     TinySpec("gqa_window7", heads=8, kv_heads=2, window=7),
     TinySpec("mqa_window5_tied_theta1e6", heads=4, kv_heads=1, window=5, tied=True, theta=1e6),
     TinySpec("llama_gqa", heads=4, kv_heads=2, architecture="llama"),
+]
+# the rest of the family (issue 15): Mixtral's experts, Ministral's interleaved windows, Nemo's head_dim,
+# v0.2/v0.3's shape (no window, theta 1e6, the v3 tokenizer's 32768-token vocabulary)
+FAMILY_SPECS = [
+    TinySpec(
+        "mixtral_8x_top2_gqa",
+        heads=4,
+        kv_heads=2,
+        architecture="mixtral",
+        experts=8,
+        top_k=2,
+        theta=1e6,
+        intermediate=96,
+    ),
+    TinySpec(
+        "ministral_interleaved_window6",
+        heads=4,
+        kv_heads=2,
+        architecture="ministral",
+        window=6,
+        layers=4,
+        head_dim=16,
+        layer_types=("sliding_attention", "full_attention", "sliding_attention", "full_attention"),
+    ),
+    TinySpec("nemo_head_dim32_hidden64_heads4", heads=4, kv_heads=2, head_dim=32),
+    TinySpec("v03_vocab32768_theta1e6", heads=4, kv_heads=1, theta=1e6, vocab=32768),
 ]
 
 

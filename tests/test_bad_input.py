@@ -79,7 +79,7 @@ def unsupported_hf_architecture(good: dict[str, Path], tmp_path: Path) -> tuple[
     return (
         directory,
         directory / "config.json",
-        "unsupported architecture model_type='gpt2' (supported: llama, mistral)",
+        "unsupported architecture model_type='gpt2' (supported: mistral, llama, mixtral, ministral)",
     )
 
 

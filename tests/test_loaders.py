@@ -18,7 +18,7 @@ from model.dense_cache import DenseKVCache
 from model.loader import load_model
 from model.loader.gguf_format import GGUFFile
 from model.mistral import MistralModel
-from tests.checkpoint_writers import hf_state, write_gguf, write_mistral
+from tests.checkpoint_writers import hf_state, load_hf_state, write_gguf, write_mistral
 from tests.hf_reference import TinySpec, build_hf_model, hf_logits, save_hf_model
 
 # Rows of 256 so every block quantization (32 or 256 wide) applies; llama: GGUF stores no window.
@@ -88,7 +88,7 @@ def test_gguf_quantized_equals_its_dequantized_weights(reference: dict[str, Any]
     got = logits_of(load_model(path).model)
     # exact: transformers running the very weights the file holds
     dequantized_hf = build_hf_model(SPEC)
-    dequantized_hf.load_state_dict(stored, strict=False)
+    load_hf_state(dequantized_hf, stored)
     assert (got - hf_logits(dequantized_hf, PROMPT)).abs().max().item() < 1e-4
     # bounded: what the quantization itself costs against the fp32 original
     original = reference["logits"]

@@ -11,7 +11,7 @@ from model.dense_cache import DenseKVCache
 from model.generate import generate
 from model.loader import load_model
 from model.mistral import MistralModel
-from tests.hf_reference import PARITY_SPECS, TinySpec, build_hf_model, hf_greedy, hf_logits, save_hf_model
+from tests.hf_reference import FAMILY_SPECS, PARITY_SPECS, TinySpec, build_hf_model, hf_greedy, hf_logits, save_hf_model
 
 TOLERANCE = 1e-4
 PROMPT = [5, 17, 99, 3, 42, 42, 7, 120, 64, 1, 33, 81, 90, 12, 4, 56, 77, 23, 8, 111, 9, 45, 67, 100]  # 24 > windows
@@ -24,7 +24,7 @@ def full_logits(model: MistralModel, ids: list[int]) -> torch.Tensor:
         return model.compute_logits(hidden)
 
 
-@pytest.fixture(params=PARITY_SPECS, ids=lambda s: s.name)
+@pytest.fixture(params=PARITY_SPECS + FAMILY_SPECS, ids=lambda s: s.name)
 def pair(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[TinySpec, object, MistralModel]:
     spec: TinySpec = request.param
     hf = build_hf_model(spec)
@@ -33,10 +33,10 @@ def pair(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[TinySpec, obje
 
 
 def test_prompt_logits_match_hf(pair: tuple[TinySpec, object, MistralModel]) -> None:
-    _, hf, ours = pair
+    spec, hf, ours = pair
     expected = hf_logits(hf, PROMPT)
     got = full_logits(ours, PROMPT)
-    assert got.shape == expected.shape == (len(PROMPT), 128)
+    assert got.shape == expected.shape == (len(PROMPT), spec.vocab)
     assert (got - expected).abs().max().item() < TOLERANCE
 
 

@@ -20,7 +20,7 @@ from model.kv_cache import KVCacheSpec, PagedKVCache
 from model.loader import load_model
 from model.mistral import MistralModel
 from model.runner import AttentionFactory, ModelRunner
-from tests.hf_reference import PARITY_SPECS, TinySpec, build_hf_model, hf_greedy, hf_logits, save_hf_model
+from tests.hf_reference import FAMILY_SPECS, PARITY_SPECS, TinySpec, build_hf_model, hf_greedy, hf_logits, save_hf_model
 from tests.paged_driver import PagedDriver
 from tests.xformers_reference import reference_kernel
 
@@ -47,7 +47,7 @@ BACKENDS: dict[str, tuple[str, Callable[[], AttentionFactory | None]]] = {
 }
 
 
-@pytest.fixture(params=PARITY_SPECS, ids=lambda s: s.name)
+@pytest.fixture(params=PARITY_SPECS + FAMILY_SPECS, ids=lambda s: s.name)
 def pair(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[TinySpec, Any, MistralModel]:
     spec: TinySpec = request.param
     hf = build_hf_model(spec)

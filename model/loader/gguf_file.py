@@ -38,6 +38,10 @@ _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+# Mixtral: the router, and the experts' weights one tensor per expert (blk.N.ffn_gate.E.weight, older
+# files) or all experts in one 3-D tensor (blk.N.ffn_gate_exps.weight, llama.cpp since 2024)
+_MOE_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
+_ROUTER = "ffn_gate_inp.weight"
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -57,6 +61,13 @@ def open_gguf(path: Path) -> Checkpoint:
 
     def weights() -> WeightStream:
         for tensor in reader.tensors:
+            merged = _MERGED_EXPERTS.fullmatch(tensor.name)
+            if merged and len(tensor.shape) == 3:
+                block, kind = merged.groups()
+                for expert in range(tensor.shape[0]):
+                    name = f"model.layers.{block}.block_sparse_moe.experts.{expert}.{_MOE_NAMES[kind]}.weight"
+                    yield name, _rows(reader, tensor, expert), path
+                continue
             hf_name = hf_name_of(tensor.name)
             source = _rows(reader, tensor)
             heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(hf_name.split(".")[-2])
@@ -85,10 +96,15 @@ def model_name(path: Path, metadata: dict[str, Any]) -> str:
     return str(metadata.get("general.name") or stem)
 
 
-def _rows(reader: GGUFFile, tensor: GGUFTensor) -> RowSource:
-    """Rows dequantized to fp32 on read (zero-copy for F32); a 1-D tensor is read whole."""
+def _rows(reader: GGUFFile, tensor: GGUFTensor, expert: int | None = None) -> RowSource:
+    """Rows dequantized to fp32 on read (zero-copy for F32); a 1-D tensor is read whole. ``expert``:
+    the matrix of that expert in a merged 3-D expert tensor."""
     raw = reader.raw(tensor)
-    stored_row_bytes = tensor.nbytes // len(raw) if raw.ndim > 1 else tensor.nbytes
+    offset, shape, nbytes = tensor.offset, tensor.shape, tensor.nbytes
+    if expert is not None:
+        nbytes //= raw.shape[0]
+        raw, offset, shape = raw[expert], offset + expert * nbytes, shape[1:]
+    stored_row_bytes = nbytes // len(raw) if raw.ndim > 1 else nbytes
 
     def read(start: int, end: int) -> torch.Tensor:
         part = raw[start:end] if raw.ndim > 1 else raw
@@ -97,21 +113,31 @@ def _rows(reader: GGUFFile, tensor: GGUFTensor) -> RowSource:
     def release(start: int, end: int) -> None:
         if raw.ndim == 1:
             start, end = 0, 1
-        release_pages(reader.mapping, tensor.offset + start * stored_row_bytes, (end - start) * stored_row_bytes)
+        release_pages(reader.mapping, offset + start * stored_row_bytes, (end - start) * stored_row_bytes)
 
     def quantized(start: int, end: int) -> QuantParts:
         return from_gguf(raw[start:end], tensor.type)
 
-    row_bytes = 4 * (tensor.shape[-1] if len(tensor.shape) > 1 else tensor.shape[0])
+    row_bytes = 4 * (shape[-1] if len(shape) > 1 else shape[0])
     keep = tensor.type in KEPT_GGUF_TYPES and raw.ndim == 2
-    return RowSource(tensor.shape, read, release, row_bytes, quantized=quantized if keep else None,
+    return RowSource(shape, read, release, row_bytes, quantized=quantized if keep else None,
                      stored=tensor.type.name)  # fmt: skip
+
+
+_MERGED_EXPERTS = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_down|ffn_up)_exps\.weight")
+_EXPERT = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_down|ffn_up)\.(\d+)\.weight")
 
 
 def hf_name_of(name: str) -> str:
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
+    expert = _EXPERT.fullmatch(name)
+    if expert:
+        block, kind, index = expert.groups()
+        return f"model.layers.{block}.block_sparse_moe.experts.{index}.{_MOE_NAMES[kind]}.weight"
     parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] == _ROUTER:
+        return f"model.layers.{parts[1]}.block_sparse_moe.gate.weight"
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
     return name
@@ -141,9 +167,12 @@ def config_from_gguf(reader: GGUFFile, path: Path) -> ModelConfig:
     if vocab is None:
         raise CheckpointError(f"{path}: missing llama.vocab_size and token_embd.weight")
     window = meta.get("llama.attention.sliding_window")
+    experts, top_k = int(meta.get("llama.expert_count") or 0), int(meta.get("llama.expert_used_count") or 0)
+    if experts:
+        _check_router(meta, path)
     return build_config(
         path,
-        architecture="llama" if window is None else "mistral",
+        architecture="mixtral" if experts else "llama" if window is None else "mistral",
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
@@ -158,4 +187,23 @@ def config_from_gguf(reader: GGUFFile, path: Path) -> ModelConfig:
         max_position_embeddings=int(get("context_length")),
         sliding_window=None if window is None else int(window),
         tie_word_embeddings="output.weight" not in tensor_names,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
     )
+
+
+# llama.cpp's MoE router settings and the values of Mixtral's (softmax gating, no shared experts)
+_GGUF_ROUTER = {"llama.expert_gating_func": 1, "llama.expert_shared_count": 0, "llama.expert_weights_norm": True,
+                "llama.expert_weights_scale": 1.0, "llama.expert_group_count": 1}  # fmt: skip
+_GATING = {1: "softmax", 2: "sigmoid", 3: "softmax_weight"}
+
+
+def _check_router(meta: dict[str, Any], path: Path) -> None:
+    for key, supported in _GGUF_ROUTER.items():
+        value = meta.get(key)
+        if value is not None and value != supported:
+            shown = _GATING.get(value, value) if key.endswith("gating_func") else value
+            raise CheckpointError(
+                f"{path}: unsupported MoE router {key}={shown!r} "
+                f"(supported: {_GATING[1] if key.endswith('gating_func') else supported!r})"
+            )
