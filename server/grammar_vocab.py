@@ -16,6 +16,7 @@ from llguidance import LLTokenizer, TokenizerWrapper
 from server.tokenizer import Tokenizer
 from server.tokenizer_hf import HFTokenizer
 from server.tokenizer_spm import SentencePieceTokenizer
+from server.tokenizer_tekken import TekkenTokenizer
 
 
 class _SpelledVocab:
@@ -54,7 +55,7 @@ def grammar_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> LLTokenizer:
         except ValueError:  # "can't determine decoder type"
             vocab = _SpelledVocab(tokenizer, *_decoded(tokenizer), vocab_size)
             return LLTokenizer(TokenizerWrapper(vocab), n_vocab=vocab_size, eos_token=list(eos))
-    if isinstance(tokenizer, SentencePieceTokenizer):
+    if isinstance(tokenizer, SentencePieceTokenizer | TekkenTokenizer):
         vocab = _SpelledVocab(tokenizer, *tokenizer.piece_bytes(), vocab_size)
         return LLTokenizer(TokenizerWrapper(vocab), n_vocab=vocab_size, eos_token=list(eos))
     raise ValueError(f"structured output does not support {type(tokenizer).__name__} vocabularies")

@@ -16,6 +16,7 @@ from server.tokenizer import SpecialTokens, Tokenizer
 from server.tokenizer_gguf import gguf_tokenizer
 from server.tokenizer_hf import HFTokenizer
 from server.tokenizer_spm import SentencePieceTokenizer
+from server.tokenizer_tekken import TekkenTokenizer
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -83,15 +84,18 @@ def _hf_directory(directory: Path) -> Tokenizer:
             str(spm_file), add_bos=bool(tokenizer_config.get("add_bos_token", True)), chat_template=template
         )
         return tokenizer
-    raise CheckpointError(f"{directory}: no tokenizer.json or tokenizer.model")
+    if (directory / "tekken.json").exists():
+        return TekkenTokenizer(directory / "tekken.json")
+    raise CheckpointError(f"{directory}: no tokenizer.json, tokenizer.model or tekken.json")
 
 
 def _mistral_directory(directory: Path) -> Tokenizer:
+    """Mistral's layout: ``tekken.json`` (Nemo and later) or the newest ``tokenizer.model.v*``."""
+    if (directory / "tekken.json").exists():
+        return TekkenTokenizer(directory / "tekken.json")
     candidates = sorted(directory.glob("tokenizer.model*"), key=lambda p: p.name)
     if not candidates:
-        if (directory / "tekken.json").exists():
-            raise CheckpointError(f"{directory / 'tekken.json'}: Tekken tokenizers are not supported yet")
-        raise CheckpointError(f"{directory}: no tokenizer.model* file")
+        raise CheckpointError(f"{directory}: no tekken.json or tokenizer.model* file")
     return SentencePieceTokenizer.from_file(
         str(candidates[-1]), add_bos=True, chat_template=ChatTemplate(MISTRAL_TEMPLATE)
     )

@@ -1,5 +1,5 @@
-"""Incremental detokenization and stop strings with real tokenizers (byte-level BPE and
-SentencePiece byte fallback): deltas never split a character and always add up."""
+"""Incremental detokenization and stop strings with real tokenizers (byte-level BPE,
+SentencePiece byte fallback, Tekken): deltas never split a character and always add up."""
 
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ from server.detokenizer import IncrementalDetokenizer
 from server.tokenizer import Tokenizer
 from server.tokenizer_loader import load_tokenizer
 from server.tokenizer_spm import SentencePieceTokenizer
+from server.tokenizer_tekken import TekkenTokenizer
 
 MISTRAL_V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
 
 
-@pytest.fixture(scope="module", params=["byte-level-bpe", "sentencepiece"])
+@pytest.fixture(scope="module", params=["byte-level-bpe", "sentencepiece", "tekken"])
 def tokenizer(request: pytest.FixtureRequest, default_model_path: Path) -> Tokenizer:
     if request.param == "byte-level-bpe":
         return load_tokenizer(default_model_path)
+    if request.param == "tekken":
+        return TekkenTokenizer(TEKKEN)
     return SentencePieceTokenizer.from_file(str(MISTRAL_V1))
 
 

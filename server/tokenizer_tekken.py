@@ -1,0 +1,140 @@
+"""Tekken tokenizers (``tekken.json``: Mistral Nemo, Small 3, Ministral, Pixtral), through mistral-common.
+
+Tekken is tiktoken-style byte-level BPE: ``vocab`` holds base64 token bytes by rank, the ids
+below ``default_num_special_tokens`` are special tokens (``<s>``, ``[INST]``, ...), and a
+regular token's id is its rank plus that count. mistral-common's own ``Tekkenizer`` encodes and
+decodes, so ids are its ids; chat requests go through its ``encode_chat_completion`` with the
+instruct format of the file's ``version`` (v3: ``[INST]`` turns with the system prompt folded into
+the last user turn; v7: ``[SYSTEM_PROMPT]``; v11 and later: tool calls as ``[TOOL_CALLS]name[ARGS]``).
+
+Like the SentencePiece tokenizers here (and unlike mistral-common's ``encode``), text that spells a
+special token (``[INST]``) in a plain prompt becomes that token, so hand-written instruct prompts
+work; chat messages never do: mistral-common encodes their content as text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from model.config import CheckpointError
+from server.tokenizer import SpecialTokens, Tokenizer
+
+# Instruct formats mistral-serve renders through mistral-common (v1, v2 are SentencePiece-only)
+SUPPORTED_VERSIONS = ("v3", "v7", "v11", "v13")
+
+
+def is_tekken(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(".json") and "tekken" in path.name
+
+
+def _version(path: Path) -> str:
+    """The file's ``config.version``, refused (one line naming file and field) unless supported."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from None
+    config = data.get("config") if isinstance(data, dict) else None
+    version = config.get("version") if isinstance(config, dict) else None
+    if version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(SUPPORTED_VERSIONS)
+        raise CheckpointError(f"{path}: unsupported Tekken version config.version={version!r} (supported: {supported})")
+    return str(version)
+
+
+class TekkenTokenizer(Tokenizer):
+    def __init__(self, path: Path) -> None:
+        self.version = _version(path)
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+        from mistral_common.tokens.tokenizers.tekken import SpecialTokenPolicy
+
+        try:
+            self._mistral = MistralTokenizer.from_file(str(path))
+        except (ValueError, KeyError, AssertionError, MistralCommonException) as exc:
+            raise CheckpointError(f"{path}: not a valid Tekken tokenizer ({exc})") from None
+        self._tekken = self._mistral.instruct_tokenizer.tokenizer
+        self._keep, self._ignore = SpecialTokenPolicy.KEEP, SpecialTokenPolicy.IGNORE
+        self.num_special_tokens = int(self._tekken.num_special_tokens)
+        self._special = {self._tekken.id_to_piece(i): i for i in range(self.num_special_tokens)}
+        named = [s for s in self._special if not s.startswith("<SPECIAL_")]
+        pattern = "|".join(re.escape(s) for s in sorted(named, key=len, reverse=True))
+        self._split = re.compile(f"({pattern})")
+        bos, eos = int(self._tekken.bos_id), int(self._tekken.eos_id)
+        special = SpecialTokens(bos, (eos,), self._tekken.id_to_piece(bos), self._tekken.id_to_piece(eos))
+        super().__init__(special, chat_template=None)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tekken.n_words)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = [self.special.bos_id] if add_special_tokens and self.special.bos_id is not None else []
+        for segment in self._split.split(text):
+            if segment in self._special:
+                ids.append(self._special[segment])
+            elif segment:
+                ids.extend(self._tekken.encode(segment, bos=False, eos=False))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        policy = self._ignore if skip_special_tokens else self._keep
+        return str(self._tekken.decode(list(ids), special_token_policy=policy))
+
+    def piece_bytes(self) -> tuple[list[bytes], list[int]]:
+        """Each id's bytes (special tokens spelled out) and the special ids."""
+        tekken = self._tekken
+        tokens = [tekken.id_to_byte_piece(i, self._keep) for i in range(self.vocab_size)]
+        return tokens, list(range(self.num_special_tokens))
+
+    def encode_chat(
+        self, messages: Sequence[Any], add_generation_prompt: bool = True, tools: Sequence[Any] | None = None
+    ) -> list[int]:
+        """mistral-common's ``encode_chat_completion``; its validation errors are ValueErrors."""
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+        from pydantic import ValidationError
+
+        turns = [_message(m) for m in messages]
+        if not add_generation_prompt and turns and turns[-1].get("role") == "assistant":
+            turns[-1]["prefix"] = True  # continue the final assistant message
+        try:
+            request = ChatCompletionRequest(messages=turns, tools=list(tools) if tools else None)
+            return list(self._mistral.encode_chat_completion(request).tokens)
+        except ValidationError as exc:
+            raise ValueError(_first_error(exc)) from None
+        except Exception as exc:  # mistral-common's own validation errors (InvalidMessageStructureException ...)
+            if type(exc).__module__.startswith("mistral_common"):
+                raise ValueError(str(exc)) from None
+            raise
+
+    def render_chat(
+        self, messages: Sequence[Any], add_generation_prompt: bool = True, tools: Sequence[Any] | None = None
+    ) -> str:
+        """The prompt as text, special tokens spelled out (for logs and the playground)."""
+        return self.decode(self.encode_chat(messages, add_generation_prompt, tools), skip_special_tokens=False)
+
+
+def _message(message: Any) -> dict[str, Any]:
+    """An OpenAI-shaped message as mistral-common takes it (tool call arguments as JSON text)."""
+    out = dict(message)
+    if out.get("tool_calls"):
+        out["tool_calls"] = [
+            {**call, "function": {**call["function"], "arguments": _arguments(call["function"].get("arguments"))}}
+            for call in out["tool_calls"]
+        ]
+    if out.get("role") == "assistant" and not out.get("content"):
+        out["content"] = None
+    return out
+
+
+def _arguments(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _first_error(exc: Any) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error.get("loc", ()))
+    return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))
