@@ -7,17 +7,20 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
+import mistral_common
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
 from server.cli import main
-from tests.checkpoint_writers import hf_state, write_gguf
+from tests.checkpoint_writers import hf_state, write_gguf, write_mistral
 from tests.hf_reference import TinySpec, build_hf_model, save_hf_model
 
 SPEC = TinySpec("bad", heads=4, kv_heads=2, hidden=64, intermediate=128, architecture="llama")
+MOE_SPEC = TinySpec("bad_moe", heads=4, kv_heads=2, intermediate=96, architecture="mixtral", experts=4, top_k=2)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,9 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     gguf_path = root / "m.gguf"
     write_gguf(hf_state(hf), load_model(hf_dir).config, gguf_path, Q.F32)
-    return {"hf": hf_dir, "gguf": gguf_path}
+    moe = build_hf_model(MOE_SPEC)
+    moe_dir = save_hf_model(moe, root / "moe")
+    return {"hf": hf_dir, "gguf": gguf_path, "moe": moe_dir, "moe_model": moe}
 
 
 def copy_hf(good: dict[str, Path], tmp_path: Path) -> Path:
@@ -137,6 +142,51 @@ def unsupported_quantization(good: dict[str, Path], tmp_path: Path) -> tuple[Pat
     return path, path, "tensor blk.0.ffn_up.weight has unsupported quantization type IQ4_NL (supported: F32"
 
 
+def sigmoid_router_hf(good: dict[str, Any], tmp_path: Path) -> tuple[Path, Path, str]:
+    directory = tmp_path / "moe"
+    directory.mkdir()
+    for file in good["moe"].iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    config["scoring_func"] = "sigmoid"
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory, directory / "config.json", "unsupported MoE router scoring_func='sigmoid' (supported: 'softmax')"
+
+
+def _moe_config(good: dict[str, Any]) -> Any:
+    from model.loader import load_model
+
+    return load_model(good["moe"]).config
+
+
+def shared_experts_consolidated(good: dict[str, Any], tmp_path: Path) -> tuple[Path, Path, str]:
+    directory = write_mistral(hf_state(good["moe_model"]), _moe_config(good), tmp_path / "consolidated")
+    params = json.loads((directory / "params.json").read_text())
+    params["moe"]["num_shared_experts"] = 1
+    (directory / "params.json").write_text(json.dumps(params))
+    return (
+        directory,
+        directory / "params.json",
+        "unsupported MoE router field moe.num_shared_experts=1 (supported: num_experts, num_experts_per_tok)",
+    )
+
+
+def sigmoid_gating_gguf(good: dict[str, Any], tmp_path: Path) -> tuple[Path, Path, str]:
+    path = tmp_path / "moe.gguf"
+    write_gguf(hf_state(good["moe_model"]), _moe_config(good), path, Q.F32, {"llama.expert_gating_func": 2})
+    return path, path, "unsupported MoE router llama.expert_gating_func='sigmoid' (supported: 'softmax')"
+
+
+def unknown_tekken_version(good: dict[str, Any], tmp_path: Path) -> tuple[Path, Path, str]:
+    from model.loader import load_model
+
+    directory = write_mistral(hf_state(build_hf_model(SPEC)), load_model(good["hf"]).config, tmp_path / "nemo")
+    tekken = json.loads((Path(mistral_common.__file__).parent / "data" / "tekken_240718.json").read_text())
+    tekken["config"]["version"] = "v99"
+    (directory / "tekken.json").write_text(json.dumps(tekken))
+    return directory, directory / "tekken.json", "unsupported Tekken version config.version='v99' (supported: v3,"
+
+
 CASES = [
     missing_path,
     truncated_safetensors,
@@ -148,6 +198,10 @@ CASES = [
     corrupt_gguf,
     unsupported_gguf_architecture,
     unsupported_quantization,
+    sigmoid_router_hf,
+    shared_experts_consolidated,
+    sigmoid_gating_gguf,
+    unknown_tekken_version,
 ]
 
 
