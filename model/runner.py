@@ -20,6 +20,7 @@ from model.cpu_decoder import KERNEL_DTYPES, CpuDecoder
 from model.kernels import cpu_kernels
 from model.kv_cache import PagedKVCache
 from model.mistral import MistralModel
+from model.moe import SparseMoE
 
 BACKENDS = ("auto", "cpu", "torch", "xformers")
 AttentionFactory = Callable[[PagedKVCache, Batch, int | None, torch.device], Attention]
@@ -115,6 +116,12 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=device)])
         self.num_computed_tokens += len(token_ids)
         return logits
+
+    def expert_tokens(self) -> tuple[tuple[int, ...], ...]:
+        """Mixture-of-experts models: tokens routed to each expert of each layer so far; else ()."""
+        return tuple(
+            tuple(layer.mlp.expert_tokens.tolist()) for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)
+        )
 
     def _layer_attention(self, batch: Batch, device: torch.device) -> Attention:
         config = self.model.config

@@ -97,6 +97,7 @@ class EngineStats:
     prefix_hit_tokens: int
     window_released_blocks: int
     counters: EngineCounters
+    expert_tokens: tuple[tuple[int, ...], ...] = ()  # MoE: tokens routed to [layer][expert], ever
 
 
 class Engine:
@@ -222,6 +223,7 @@ class Engine:
             prefix_hit_tokens=blocks.counters.prefix_hit_tokens,
             window_released_blocks=blocks.counters.window_released_blocks,
             counters=self.counters,
+            expert_tokens=self.runner.expert_tokens(),
         )
 
     def _queued_in_inbox(self) -> int:

@@ -79,6 +79,7 @@ class _Baseline:
     prefix_queried_tokens: int
     prefix_hit_tokens: int
     window_released_blocks: int
+    expert_tokens: tuple[tuple[int, ...], ...]
 
     @classmethod
     def of(cls, stats: EngineStats) -> _Baseline:
@@ -90,6 +91,7 @@ class _Baseline:
             stats.prefix_queried_tokens,
             stats.prefix_hit_tokens,
             stats.window_released_blocks,
+            stats.expert_tokens,
         )
 
 
@@ -143,6 +145,17 @@ class _EngineCollector(Collector):
                       stats.prefix_hit_tokens - base.prefix_hit_tokens)  # fmt: skip
         yield counter("sliding_window_released_blocks", "KV blocks released behind a sliding window.",
                       stats.window_released_blocks - base.window_released_blocks)  # fmt: skip
+        if stats.expert_tokens:
+            experts = CounterMetricFamily(
+                PREFIX + "moe_expert_tokens",
+                "Tokens the router sent to each expert of each mixture-of-experts layer.",
+                labels=["model_name", "layer", "expert"],
+            )
+            for layer, counts in enumerate(stats.expert_tokens):
+                for expert, count in enumerate(counts):
+                    warmup = base.expert_tokens[layer][expert] if base.expert_tokens else 0
+                    experts.add_metric([metrics.model_name, str(layer), str(expert)], count - warmup)
+            yield experts
         process = getattr(engine, "process", None)  # the engine core's process (not the in-process engine)
         if process is not None and process.pid is not None:
             yield gauge(

@@ -33,7 +33,7 @@ def write_tokenizer(directory: Path) -> None:
     )
 
 
-def write_tiny_checkpoint(directory: Path, max_positions: int = 512) -> Path:
-    save_hf_model(build_hf_model(SPEC, max_positions=max_positions), directory)
+def write_tiny_checkpoint(directory: Path, max_positions: int = 512, spec: TinySpec = SPEC) -> Path:
+    save_hf_model(build_hf_model(spec, max_positions=max_positions), directory)
     write_tokenizer(directory)
     return directory

@@ -224,6 +224,9 @@ class GenerationServicer:
             attention_backend=model.attention_backend,
             checkpoint_format=model.checkpoint_format,
             weight_types=model.weight_types,
+            num_experts=config.num_experts,
+            num_experts_per_token=config.num_experts_per_tok,
+            layer_sliding_windows=[w or 0 for w in config.layer_windows],
         )
         if config.sliding_window is not None:
             info.sliding_window = config.sliding_window

@@ -299,7 +299,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "architecture", "context_length", "vocab_size", "sliding_window", "num_attention_heads", "num_key_value_heads", "head_dim", "num_layers", "kv_block_size", "kv_cache_blocks", "kv_cache_tokens", "kv_cache_free_blocks", "dtype", "kv_cache_dtype", "device", "attention_backend", "checkpoint_format", "weight_types")
+    __slots__ = ("model_name", "architecture", "context_length", "vocab_size", "sliding_window", "num_attention_heads", "num_key_value_heads", "head_dim", "num_layers", "kv_block_size", "kv_cache_blocks", "kv_cache_tokens", "kv_cache_free_blocks", "dtype", "kv_cache_dtype", "device", "attention_backend", "checkpoint_format", "weight_types", "num_experts", "num_experts_per_token", "layer_sliding_windows")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +319,9 @@ class GetModelInfoResponse(_message.Message):
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_TYPES_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SLIDING_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     context_length: int
@@ -338,4 +341,7 @@ class GetModelInfoResponse(_message.Message):
     attention_backend: str
     checkpoint_format: str
     weight_types: str
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., sliding_window: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_free_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., checkpoint_format: _Optional[str] = ..., weight_types: _Optional[str] = ...) -> None: ...
+    num_experts: int
+    num_experts_per_token: int
+    layer_sliding_windows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., sliding_window: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_layers: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_free_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., checkpoint_format: _Optional[str] = ..., weight_types: _Optional[str] = ..., num_experts: _Optional[int] = ..., num_experts_per_token: _Optional[int] = ..., layer_sliding_windows: _Optional[_Iterable[int]] = ...) -> None: ...
