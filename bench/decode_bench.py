@@ -33,22 +33,31 @@ BLOCK = 16
 
 def paged_decoder(model: MistralModel, batch: int, context: int, steps: int) -> Callable[[], None]:
     """Prefill ``batch`` sequences (not timed); return one decode step of all of them."""
+    return paged_runner(model, batch, context, steps)[1]
+
+
+def paged_runner(
+    model: MistralModel, batch: int, context: int, steps: int, distinct: bool = False
+) -> tuple[ModelRunner, Callable[[], None]]:
+    """``paged_decoder`` and the runner it steps. ``distinct``: each sequence its own prompt and
+    decode tokens (else all the same, as the HF comparison feeds)."""
     per_seq = -(-(context + steps + 4) // BLOCK)
     spec = KVCacheSpec.for_model(model.config, model.dtype, BLOCK)
     backend = resolve_backend("auto", model.device, model.dtype)
     cache = PagedKVCache(spec, batch * per_seq + 1, model.device, cache_layout(backend))
     runner = ModelRunner(model, cache, backend)
     tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
-    prompt = list(range(1000, 1000 + context))
-    for table in tables:
-        runner.execute(Batch([Chunk(prompt, 0, table)]))
+    for i, table in enumerate(tables):
+        start = 1000 + (97 * i if distinct else 0)
+        runner.execute(Batch([Chunk(list(range(start, start + context)), 0, table)]))
     position = [context]
 
     def step() -> None:
-        runner.execute(Batch([Chunk([42], position[0], table) for table in tables]))
+        tokens = [42 + (position[0] * 31 + 17 * i if distinct else 0) for i in range(batch)]
+        runner.execute(Batch([Chunk([t], position[0], table) for t, table in zip(tokens, tables, strict=True)]))
         position[0] += 1
 
-    return step
+    return runner, step
 
 
 def hf_decoder(hf: Any, batch: int, context: int) -> Callable[[], None]:

@@ -27,7 +27,7 @@ from torch import nn
 from model.batch import Batch
 from model.kv_cache import PagedKVCache
 from model.mistral import DecoderLayer, MistralModel
-from model.moe import SparseMoE, combine, route
+from model.moe import SparseMoE, count_tokens, route_host
 
 log = structlog.get_logger(__name__)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -83,11 +83,11 @@ class _Experts:
     """A Mixtral layer's feed-forward: the router (fp32, (experts, hidden)) and each expert's packed
     gate_up and down; ``tokens`` counts the tokens routed to each expert."""
 
-    router: torch.Tensor
+    router: Any  # kernels.PackedLinear, fp32 (experts, hidden)
     top_k: int
     gate_up: list[Any]
     down: list[Any]
-    tokens: torch.Tensor
+    tokens: list[int]
 
 
 @dataclass
@@ -186,7 +186,7 @@ class CpuDecoder:
             moe = cast(SparseMoE, layer.mlp)
             count = cfg.num_experts
             return _Experts(
-                router=norm(moe.router.weight),
+                router=kernels.PackedLinear(norm(moe.router.weight), False, False, 0),
                 top_k=moe.top_k,
                 gate_up=[pack(f"layers.{i}.mlp.experts.{e}.gate_up_proj", gated=True) for e in range(count)],
                 down=[pack(f"layers.{i}.mlp.experts.{e}.down_proj") for e in range(count)],
@@ -254,26 +254,34 @@ class CpuDecoder:
                 layer.gate_up.forward(b["h"], b["act"], SILU_MUL)
                 layer.down.forward(b["act"], x, ACCUMULATE)
             else:
-                self._experts(layer.experts, b["h"], x)
+                self._experts(layer.experts, b["h"], x, b["act"])
         torch.index_select(x, 0, meta.logit_rows, out=b["final"])
         k.rms_norm(b["final"], self.final_norm, eps, b["normed"])
         self.head.forward(b["normed"], b["logits"], STORE)
         return b["logits"]
 
-    def _experts(self, experts: _Experts, h: torch.Tensor, x: torch.Tensor) -> None:
-        """``x += MoE(h)``: one gate_up and one down product per expert that has tokens this step."""
-        routing = route(h @ experts.router.T, experts.top_k)
-        experts.tokens += torch.tensor(routing.counts)
-        intermediate = self.config.intermediate_size
-
-        def expert(index: int, rows: torch.Tensor) -> torch.Tensor:
-            act = torch.empty(rows.shape[0], intermediate)
+    def _experts(self, experts: _Experts, h: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor) -> None:
+        """``x += MoE(h)``: one gate_up and one down product per expert that has tokens this step.
+        The router weight scales the expert's activations before ``down`` (a linear map, so the same
+        sum); an expert every token chose (always, with one token) accumulates straight into ``x``.
+        ``scratch``: (tokens, intermediate) for the activations."""
+        num_tokens = h.shape[0]
+        logits = torch.empty(num_tokens, len(experts.gate_up))
+        experts.router.forward(h, logits, STORE)
+        routing = route_host(logits, experts.top_k)
+        count_tokens(experts.tokens, routing)
+        for index, tokens, weights in routing.groups():
+            every = len(tokens) == num_tokens  # then tokens == arange(num_tokens): see route()
+            rows = h if every else h.index_select(0, tokens)
+            act = scratch[: rows.shape[0]]
             experts.gate_up[index].forward(rows, act, SILU_MUL)
-            out = torch.empty(rows.shape[0], rows.shape[1])
-            experts.down[index].forward(act, out, STORE)
-            return out
-
-        combine(h, routing, expert, x)
+            act.mul_(weights.view(-1, 1))
+            if every:
+                experts.down[index].forward(act, x, ACCUMULATE)
+            else:
+                out = torch.empty(rows.shape[0], rows.shape[1])
+                experts.down[index].forward(act, out, STORE)
+                x.index_add_(0, tokens, out)
 
 
 def _packed(layer: _Layer) -> list[Any]:

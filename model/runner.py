@@ -119,9 +119,7 @@ class ModelRunner:
 
     def expert_tokens(self) -> tuple[tuple[int, ...], ...]:
         """Mixture-of-experts models: tokens routed to each expert of each layer so far; else ()."""
-        return tuple(
-            tuple(layer.mlp.expert_tokens.tolist()) for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)
-        )
+        return tuple(tuple(layer.mlp.expert_tokens) for layer in self.model.layers if isinstance(layer.mlp, SparseMoE))
 
     def _layer_attention(self, batch: Batch, device: torch.device) -> Attention:
         config = self.model.config

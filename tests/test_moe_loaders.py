@@ -7,9 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
 
 from model.batch import Batch, Chunk
 from model.kv_cache import KVCacheSpec, PagedKVCache
@@ -81,3 +83,28 @@ def test_gguf_q4_0_experts_stay_quantized_in_both_layouts(reference: dict[str, A
     dequantized = build_hf_model(SPEC)
     load_hf_state(dequantized, stored)
     assert (logits[0] - hf_logits(dequantized, PROMPT)).abs().max().item() < 1e-4
+
+
+def test_experts_quantize_at_load_like_dense_weights(reference: dict[str, Any], tmp_path: Path) -> None:
+    directory = save_hf_model(reference["hf"], tmp_path / "hf")
+    loaded = load_model(directory, quantization="q8_0")
+    quantized = loaded.model.quantized
+    assert {f"layers.{i}.mlp.experts.{e}.{w}" for i in range(SPEC.layers) for e in range(8)
+            for w in ("gate_up_proj", "down_proj")} <= set(quantized)  # fmt: skip
+    assert "layers.0.mlp.router.weight" not in quantized  # the router stays dense
+    assert loaded.weight_types["q8_0"] == EXPERT_TENSORS + 4 * SPEC.layers + 2
+    # exact: transformers running the Q8_0-rounded weights (llama.cpp's Q8_0, as gguf-py computes it)
+    rounded = {
+        name: value if value.ndim == 1 or "block_sparse_moe.gate" in name else _q8_0_rounded(value)
+        for name, value in reference["state"].items()
+    }
+    hf = build_hf_model(SPEC)
+    load_hf_state(hf, rounded)
+    got = runner_logits(loaded.model)
+    assert not torch.equal(got, reference["logits"])
+    assert (got - hf_logits(hf, PROMPT)).abs().max().item() < 1e-4
+
+
+def _q8_0_rounded(weight: torch.Tensor) -> torch.Tensor:
+    blocks = quantize(weight.numpy(), Q.Q8_0)
+    return torch.from_numpy(np.array(dequantize(blocks, Q.Q8_0), dtype=np.float32))
