@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model.loader import load_model
-from tests.hf_reference import PARITY_SPECS, TinySpec, build_hf_model, hf_greedy, hf_logits, save_hf_model
+from tests.hf_reference import FAMILY_SPECS, PARITY_SPECS, TinySpec, build_hf_model, hf_greedy, hf_logits, save_hf_model
 from tests.paged_driver import PagedDriver
 
 pytestmark = [
@@ -35,7 +35,7 @@ def run(spec: TinySpec, path: Path, dtype: torch.dtype, backend: str) -> PagedDr
     return driver
 
 
-@pytest.mark.parametrize("spec", PARITY_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", PARITY_SPECS + FAMILY_SPECS, ids=lambda s: s.name)
 def test_torch_backend_fp32_on_cuda_matches_hf(spec: TinySpec, tmp_path: Path) -> None:
     hf = build_hf_model(spec)
     driver = run(spec, save_hf_model(hf, tmp_path / "m"), torch.float32, "torch")
@@ -46,7 +46,7 @@ def test_torch_backend_fp32_on_cuda_matches_hf(spec: TinySpec, tmp_path: Path) -
         assert (torch.stack(seq.logits).cpu() - reference).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("spec", PARITY_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", PARITY_SPECS + FAMILY_SPECS, ids=lambda s: s.name)
 def test_xformers_kernels_match_torch_backend_in_bf16(spec: TinySpec, tmp_path: Path) -> None:
     """Same batches, same interleaving: xformers' CUDA kernels against SDPA, both bf16."""
     path = save_hf_model(build_hf_model(spec), tmp_path / "m")
