@@ -37,10 +37,10 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"hf": hf_dir, "gguf": gguf_path, "moe": moe_dir, "moe_model": moe}
 
 
-def copy_hf(good: dict[str, Path], tmp_path: Path) -> Path:
-    target = tmp_path / "hf"
+def copy_hf(good: dict[str, Path], tmp_path: Path, which: str = "hf") -> Path:
+    target = tmp_path / which
     target.mkdir()
-    for file in good["hf"].iterdir():
+    for file in good[which].iterdir():
         (target / file.name).write_bytes(file.read_bytes())
     return target
 
@@ -143,10 +143,7 @@ def unsupported_quantization(good: dict[str, Path], tmp_path: Path) -> tuple[Pat
 
 
 def sigmoid_router_hf(good: dict[str, Any], tmp_path: Path) -> tuple[Path, Path, str]:
-    directory = tmp_path / "moe"
-    directory.mkdir()
-    for file in good["moe"].iterdir():
-        (directory / file.name).write_bytes(file.read_bytes())
+    directory = copy_hf(good, tmp_path, "moe")
     config = json.loads((directory / "config.json").read_text())
     config["scoring_func"] = "sigmoid"
     (directory / "config.json").write_text(json.dumps(config))

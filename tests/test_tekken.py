@@ -69,15 +69,20 @@ def versioned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     version and special-token list of v7 / v11."""
     if request.param == "v3":
         return DATA / "tekken_240718.json"
-    data = json.loads((DATA / "tekken_240718.json").read_text())
-    data["config"]["version"] = request.param
-    # the list Tekken files carry since v7: the first 20 of old, then [ARGS], [CALL_ID], ...
+    path = tmp_path_factory.mktemp(request.param) / "tekken.json"
+    write_tekken(DATA / "tekken_240718.json", request.param, path)
+    return path
+
+
+def write_tekken(source: Path, version: str, path: Path) -> None:
+    """``source``'s vocabulary as a tekken.json of ``version``, with the special-token list Tekken
+    files carry since v7 (the 20 of old, then [ARGS], [CALL_ID], ...)."""
+    data = json.loads(source.read_text())
+    data["config"]["version"] = version
     names = [str(t["token_str"].value) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
     names += [s.value for s in SpecialTokens if s.value not in names]
     data["special_tokens"] = [{"rank": i, "token_str": name, "is_control": True} for i, name in enumerate(names)]
-    path = tmp_path_factory.mktemp(request.param) / "tekken.json"
     path.write_text(json.dumps(data))
-    return path
 
 
 WEATHER = {

@@ -5,7 +5,6 @@ chat request generates with stop strings."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,15 +12,14 @@ import grpc
 import mistral_common
 import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.tokens.tokenizers.base import SpecialTokens
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from mistralserve.v1 import generation_pb2 as pb
 
 from model.loader import load_model
 from tests.checkpoint_writers import hf_state, write_mistral
 from tests.hf_reference import TinySpec, build_hf_model, save_hf_model
 from tests.server_process import ServerProcess
+from tests.test_tekken import write_tekken
 
 SPEC = TinySpec("nemo_like", heads=4, kv_heads=2, head_dim=32, theta=1e6, vocab=131072)
 DATA = Path(mistral_common.__file__).parent / "data"
@@ -31,22 +29,13 @@ MESSAGES = [
 ]
 
 
-def write_v7_tekken(path: Path) -> None:
-    data = json.loads((DATA / "tekken_240911.json").read_text())
-    data["config"]["version"] = "v7"
-    names = [str(t["token_str"].value) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
-    names += [s.value for s in SpecialTokens if s.value not in names]
-    data["special_tokens"] = [{"rank": i, "token_str": name, "is_control": True} for i, name in enumerate(names)]
-    path.write_text(json.dumps(data))
-
-
 @pytest.fixture(scope="module")
 def nemo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
     root = tmp_path_factory.mktemp("nemo")
     hf = build_hf_model(SPEC)
     config = load_model(save_hf_model(hf, root / "hf")).config
     directory = write_mistral(hf_state(hf), config, root / "nemo-tiny")
-    write_v7_tekken(directory / "tekken.json")
+    write_tekken(DATA / "tekken_240911.json", "v7", directory / "tekken.json")
     server = ServerProcess(directory, "--dtype", "float32")
     try:
         server.wait_serving()
