@@ -271,7 +271,7 @@ class CpuDecoder:
         routing = route_host(logits, experts.top_k)
         count_tokens(experts.tokens, routing)
         for index, tokens, weights in routing.groups():
-            every = len(tokens) == num_tokens  # then tokens == arange(num_tokens): see route()
+            every = len(tokens) == num_tokens  # then tokens == arange(num_tokens): see route_host()
             rows = h if every else h.index_select(0, tokens)
             act = scratch[: rows.shape[0]]
             experts.gate_up[index].forward(rows, act, SILU_MUL)

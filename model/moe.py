@@ -63,7 +63,8 @@ def route(router_logits: torch.Tensor, top_k: int) -> Routing:
 def route_host(router_logits: torch.Tensor, top_k: int) -> Routing:
     """``route`` for logits on the CPU, in numpy: the same fp32 softmax, top-k (lowest expert first
     on ties) and renormalisation, without a torch dispatch per operation (~10 us each here, a
-    tenth of a single-token layer's experts). The compiled CPU decoder's routing."""
+    tenth of a single-token layer's experts). The compiled CPU decoder's routing. Tokens within an
+    expert keep their order (stable sort), so an expert every token chose gets ``arange(T)``."""
     z = router_logits.numpy()
     z = np.exp(z - z.max(axis=1, keepdims=True))
     probs = z / z.sum(axis=1, keepdims=True)
