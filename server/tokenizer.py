@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from server.chat_template import ChatTemplate, Message
 
@@ -22,10 +23,23 @@ class SpecialTokens:
     eos_token: str | None
 
 
+class ChatEncoder(Protocol):
+    """Chat prompts built by a library rather than a template (``server.mistral_chat``)."""
+
+    def encode(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Message] | None = None
+    ) -> list[int]: ...
+
+
 class Tokenizer(ABC):
-    def __init__(self, special: SpecialTokens, chat_template: ChatTemplate | None) -> None:
+    def __init__(
+        self, special: SpecialTokens, chat_template: ChatTemplate | None, chat_encoder: ChatEncoder | None = None
+    ) -> None:
+        """Chat prompts come from ``chat_encoder`` when given (Mistral-layout tokenizers), else
+        from ``chat_template``."""
         self.special = special
         self.chat_template = chat_template
+        self.chat_encoder = chat_encoder
 
     @property
     @abstractmethod
@@ -44,6 +58,8 @@ class Tokenizer(ABC):
     def render_chat(
         self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Message] | None = None
     ) -> str:
+        if self.chat_encoder is not None:  # the prompt's ids as text, special tokens spelled out
+            return self.decode(self.encode_chat(messages, add_generation_prompt, tools), skip_special_tokens=False)
         if self.chat_template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead of messages")
         return self.chat_template.render(
@@ -58,4 +74,6 @@ class Tokenizer(ABC):
         self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Message] | None = None
     ) -> list[int]:
         """The rendered template already holds any BOS text, so nothing more is added."""
+        if self.chat_encoder is not None:
+            return self.chat_encoder.encode(messages, add_generation_prompt, tools)
         return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)

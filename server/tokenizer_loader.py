@@ -12,6 +12,7 @@ from model.config import CheckpointError
 from model.loader import find_gguf
 from model.loader.gguf_format import GGUFFile
 from server.chat_template import MISTRAL_TEMPLATE, ChatTemplate
+from server.mistral_chat import MistralCommonChat
 from server.tokenizer import SpecialTokens, Tokenizer
 from server.tokenizer_gguf import gguf_tokenizer
 from server.tokenizer_hf import HFTokenizer
@@ -96,6 +97,6 @@ def _mistral_directory(directory: Path) -> Tokenizer:
     candidates = sorted(directory.glob("tokenizer.model*"), key=lambda p: p.name)
     if not candidates:
         raise CheckpointError(f"{directory}: no tekken.json or tokenizer.model* file")
-    return SentencePieceTokenizer.from_file(
-        str(candidates[-1]), add_bos=True, chat_template=ChatTemplate(MISTRAL_TEMPLATE)
-    )
+    # the file's suffix (v1 bare, .v3, .v7) names its instruct format: mistral-common builds the prompts
+    return SentencePieceTokenizer.from_file(str(candidates[-1]), add_bos=True,
+                                            chat_encoder=MistralCommonChat(candidates[-1]))  # fmt: skip

@@ -15,7 +15,7 @@ from sentencepiece import SentencePieceProcessor
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from server.chat_template import ChatTemplate
-from server.tokenizer import SpecialTokens, Tokenizer
+from server.tokenizer import ChatEncoder, SpecialTokens, Tokenizer
 
 CONTROL = spm_pb2.ModelProto.SentencePiece.CONTROL
 
@@ -28,6 +28,7 @@ class SentencePieceTokenizer(Tokenizer):
         add_bos: bool,
         chat_template: ChatTemplate | None,
         extra_eos_ids: Sequence[int] = (),
+        chat_encoder: ChatEncoder | None = None,
     ) -> None:
         self._sp = SentencePieceProcessor(model_proto=proto.SerializeToString())
         no_prefix = spm_pb2.ModelProto()
@@ -49,16 +50,22 @@ class SentencePieceTokenizer(Tokenizer):
                 eos_token=self._sp.id_to_piece(eos) if eos >= 0 else None,
             ),
             chat_template,
+            chat_encoder,
         )
 
     @classmethod
     def from_file(
-        cls, path: str, *, add_bos: bool = True, chat_template: ChatTemplate | None = None
+        cls,
+        path: str,
+        *,
+        add_bos: bool = True,
+        chat_template: ChatTemplate | None = None,
+        chat_encoder: ChatEncoder | None = None,
     ) -> SentencePieceTokenizer:
         proto = spm_pb2.ModelProto()
         with open(path, "rb") as f:
             proto.ParseFromString(f.read())
-        return cls(proto, add_bos=add_bos, chat_template=chat_template)
+        return cls(proto, add_bos=add_bos, chat_template=chat_template, chat_encoder=chat_encoder)
 
     @property
     def vocab_size(self) -> int:

@@ -18,9 +18,9 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from model.config import CheckpointError
+from server.mistral_chat import MistralCommonChat
 from server.tokenizer import SpecialTokens, Tokenizer
 
 # Instruct formats mistral-serve renders through mistral-common (v1, v2 are SentencePiece-only)
@@ -48,15 +48,10 @@ def _version(path: Path) -> str:
 class TekkenTokenizer(Tokenizer):
     def __init__(self, path: Path) -> None:
         self.version = _version(path)
-        from mistral_common.exceptions import MistralCommonException
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
         from mistral_common.tokens.tokenizers.tekken import SpecialTokenPolicy
 
-        try:
-            self._mistral = MistralTokenizer.from_file(str(path))
-        except (ValueError, KeyError, AssertionError, MistralCommonException) as exc:
-            raise CheckpointError(f"{path}: not a valid Tekken tokenizer ({exc})") from None
-        self._tekken = self._mistral.instruct_tokenizer.tokenizer
+        chat = MistralCommonChat(path)
+        self._tekken = chat.tokenizer
         self._keep, self._ignore = SpecialTokenPolicy.KEEP, SpecialTokenPolicy.IGNORE
         self.num_special_tokens = int(self._tekken.num_special_tokens)
         self._special = {self._tekken.id_to_piece(i): i for i in range(self.num_special_tokens)}
@@ -65,7 +60,7 @@ class TekkenTokenizer(Tokenizer):
         self._split = re.compile(f"({pattern})")
         bos, eos = int(self._tekken.bos_id), int(self._tekken.eos_id)
         special = SpecialTokens(bos, (eos,), self._tekken.id_to_piece(bos), self._tekken.id_to_piece(eos))
-        super().__init__(special, chat_template=None)
+        super().__init__(special, chat_template=None, chat_encoder=chat)
 
     @property
     def vocab_size(self) -> int:
@@ -89,52 +84,3 @@ class TekkenTokenizer(Tokenizer):
         tekken = self._tekken
         tokens = [tekken.id_to_byte_piece(i, self._keep) for i in range(self.vocab_size)]
         return tokens, list(range(self.num_special_tokens))
-
-    def encode_chat(
-        self, messages: Sequence[Any], add_generation_prompt: bool = True, tools: Sequence[Any] | None = None
-    ) -> list[int]:
-        """mistral-common's ``encode_chat_completion``; its validation errors are ValueErrors."""
-        from mistral_common.protocol.instruct.request import ChatCompletionRequest
-        from pydantic import ValidationError
-
-        turns = [_message(m) for m in messages]
-        if not add_generation_prompt and turns and turns[-1].get("role") == "assistant":
-            turns[-1]["prefix"] = True  # continue the final assistant message
-        try:
-            request = ChatCompletionRequest(messages=turns, tools=list(tools) if tools else None)
-            return list(self._mistral.encode_chat_completion(request).tokens)
-        except ValidationError as exc:
-            raise ValueError(_first_error(exc)) from None
-        except Exception as exc:  # mistral-common's own validation errors (InvalidMessageStructureException ...)
-            if type(exc).__module__.startswith("mistral_common"):
-                raise ValueError(str(exc)) from None
-            raise
-
-    def render_chat(
-        self, messages: Sequence[Any], add_generation_prompt: bool = True, tools: Sequence[Any] | None = None
-    ) -> str:
-        """The prompt as text, special tokens spelled out (for logs and the playground)."""
-        return self.decode(self.encode_chat(messages, add_generation_prompt, tools), skip_special_tokens=False)
-
-
-def _message(message: Any) -> dict[str, Any]:
-    """An OpenAI-shaped message as mistral-common takes it (tool call arguments as JSON text)."""
-    out = dict(message)
-    if out.get("tool_calls"):
-        out["tool_calls"] = [
-            {**call, "function": {**call["function"], "arguments": _arguments(call["function"].get("arguments"))}}
-            for call in out["tool_calls"]
-        ]
-    if out.get("role") == "assistant" and not out.get("content"):
-        out["content"] = None
-    return out
-
-
-def _arguments(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _first_error(exc: Any) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error.get("loc", ()))
-    return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))

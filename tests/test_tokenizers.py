@@ -248,3 +248,34 @@ def test_a_template_without_tools_gets_them_described_in_the_last_user_turn() ->
         + TOOL_PROMPT.format(tools=described)
         + '<assistant>[{"name": "add", "arguments": {"a": 1}}]'
     )
+
+
+@pytest.mark.parametrize(
+    ("shipped", "name"),
+    [
+        ("tokenizer.model.v1", "tokenizer.model.v1"),
+        ("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3"),
+        ("mistral_instruct_tokenizer_241114.model.v7", "tokenizer.model.v7"),
+    ],
+    ids=["v1", "v3", "v7"],
+)
+def test_mistral_layout_chat_equals_encode_chat_completion(shipped: str, name: str, tmp_path: Path) -> None:
+    """A Mistral checkpoint's SentencePiece file names its instruct version; the prompt is
+    mistral-common's for that version (v3: the system prompt in the last user turn; v7:
+    ``[SYSTEM_PROMPT]``), where the generic ``[INST]`` template would only approximate it."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    (tmp_path / "params.json").write_text("{}")
+    (tmp_path / name).write_bytes((MISTRAL_DATA / shipped).read_bytes())
+    messages = [{"role": "system", "content": "Be brief."}, *MESSAGES]
+    reference = MistralTokenizer.from_file(str(tmp_path / name))
+    expected = reference.encode_chat_completion(ChatCompletionRequest.model_validate({"messages": messages})).tokens
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.encode_chat(messages) == expected
+    text = tokenizer.render_chat(messages)
+    assert text.startswith("<s>")
+    assert ("[SYSTEM_PROMPT]" in text) == (name.endswith("v7"))
+    assert tokenizer.encode("What is GQA?", add_special_tokens=False) == reference.instruct_tokenizer.tokenizer.encode(
+        "What is GQA?", bos=False, eos=False
+    )
