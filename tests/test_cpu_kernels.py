@@ -6,7 +6,11 @@ sliding windows, released blocks, GQA) against a dense masked softmax."""
 from __future__ import annotations
 
 import math
+import os
 import random
+import threading
+import time
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import window_mask
-from model.kernels import cpu_kernels
+from model.kernels import cpu_kernels, wait_for_build_lock
 from model.layers import apply_rotary
 
 STORE, ACCUMULATE, SILU_MUL = 0, 1, 2
@@ -216,3 +220,22 @@ def test_paged_attention_refuses_a_block_outside_the_table(kernels: ModuleType) 
     with pytest.raises(RuntimeError, match="key block 1 is outside the block table of chunk 0"):
         kernels.paged_attention(torch.randn(1, 24), key_cache, value_cache, zero, ones, 5 * ones, zero, zero, ones,
                                 ones, 1, 0, 1.0, torch.empty(1, 8))  # fmt: skip
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_waited_for(tmp_path: Path) -> None:
+    """A build killed half-way leaves torch's lock file behind; torch would wait for it forever."""
+
+    stale = tmp_path / "stale" / "lock"
+    stale.parent.mkdir()
+    stale.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    wait_for_build_lock(stale, stale_after=1200)
+    assert not stale.exists()
+    fresh = tmp_path / "fresh" / "lock"
+    fresh.parent.mkdir()
+    fresh.touch()
+    threading.Timer(0.3, fresh.unlink).start()  # another process finishing its build
+    start = time.monotonic()
+    wait_for_build_lock(fresh, stale_after=1200, poll=0.05)
+    assert time.monotonic() - start >= 0.25

@@ -22,13 +22,35 @@ SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
 
 
+STALE_LOCK_SECONDS = 1200.0  # a build takes ~2 minutes on 2 cores
+
+
+def wait_for_build_lock(lock: Path, stale_after: float = STALE_LOCK_SECONDS, poll: float = 0.5) -> None:
+    """Wait while another process builds (torch holds ``lock`` in the build directory meanwhile);
+    remove the lock once it is older than ``stale_after`` seconds. torch itself waits for the lock
+    forever, so a build killed half-way (Ctrl-C during the first ``make serve``) would hang every
+    later start."""
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_after:
+            log.warning("removing a stale kernel build lock", lock=str(lock), age_seconds=round(age))
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll)
+
+
 def build(march: str = "native") -> ModuleType:
     """Compile (or load the cached build of) the kernels for ``march``; raises if the build fails."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     start = time.monotonic()
+    name = f"mistralserve_cpu_{march.replace('-', '_')}"
+    wait_for_build_lock(Path(_get_build_directory(name, verbose=False)) / "lock")
     module: ModuleType = load(
-        name=f"mistralserve_cpu_{march.replace('-', '_')}",
+        name=name,
         sources=[str(s) for s in SOURCES],
         extra_include_paths=[str(SOURCES[0].parent)],
         extra_cflags=[f"-march={march}", *CFLAGS],
