@@ -29,6 +29,12 @@ _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Tekken's (Mistral Nemo, Small 3, Ministral: the ``pattern`` of tekken.json)
+_TEKKEN_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # tokenizer.ggml.pre -> regexes applied in order (each split isolates its matches)
 _PRE_TOKENIZERS = {
     "default": [_GPT2_PATTERN],
@@ -36,7 +42,10 @@ _PRE_TOKENIZERS = {
     "smollm": [r"\p{N}", _GPT2_PATTERN],
     "starcoder": [r"\p{N}", _GPT2_PATTERN],
     "llama-bpe": [_LLAMA3_PATTERN],
+    "tekken": [_TEKKEN_PATTERN],
 }
+# tiktoken-style vocabularies: a pre-token that is in the vocabulary is one token, merges or not
+_WHOLE_WORDS = ("llama-bpe", "tekken")
 
 
 def gguf_tokenizer(meta: dict[str, Any], path: str) -> Tokenizer:
@@ -94,7 +103,7 @@ def _byte_level_bpe(
         log.warning("unknown GGUF pre-tokenizer %r, using the GPT-2 default", pre)
     patterns = _PRE_TOKENIZERS.get(pre, _PRE_TOKENIZERS["default"])
     backend = RustTokenizer(
-        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=pre == "llama-bpe")
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=pre in _WHOLE_WORDS)
     )
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]

@@ -187,3 +187,58 @@ def test_structured_output_reads_the_tekken_vocabulary() -> None:
     ids = tokenizer.encode('{"a": 1}', add_special_tokens=False)
     assert ll.tokenize_str('{"a": 1}') == ids
     assert ll.decode_bytes(ids) == b'{"a": 1}'
+
+
+_PRINTABLE = [*range(33, 127), *range(161, 173), *range(174, 256)]
+_BYTE_CHARS = {b: chr(b) for b in _PRINTABLE} | {
+    b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in _PRINTABLE)
+}
+
+
+def _byte_level(data: bytes) -> str:
+    """GPT-2's printable spelling of bytes (what GGUF ``gpt2`` vocabularies store)."""
+    return "".join(_BYTE_CHARS[b] for b in data)
+
+
+def gguf_metadata_of_tekken(path: Path) -> dict[str, Any]:
+    """The tokenizer metadata llama.cpp's converter writes for a Tekken model (``gpt2`` model,
+    ``tekken`` pre-tokenizer): special tokens first, then each rank's bytes, and the merges a
+    tiktoken vocabulary implies (every split of a token into two tokens, in the token's rank order)."""
+    import base64
+
+    data = json.loads(path.read_text())
+    specials = [s.value for s in SpecialTokens]
+    num_special = data["config"]["default_num_special_tokens"]
+    inner = data["config"]["default_vocab_size"] - num_special
+    ranks = {base64.b64decode(t["token_bytes"]): t["rank"] for t in data["vocab"][:inner]}
+    names = [str(t["token_str"].value) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+    names += [f"<SPECIAL_{i}>" for i in range(len(names), num_special)]
+    assert set(names[:20]) <= set(specials)
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [(rank, ranks[a], ranks[b], a, b) for a, b in splits]
+    merges.sort(key=lambda m: m[:3])
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "tekken",
+        "tokenizer.ggml.tokens": names + [_byte_level(t) for t in sorted(ranks, key=ranks.__getitem__)],
+        "tokenizer.ggml.token_type": [3] * num_special + [1] * inner,  # CONTROL, NORMAL
+        "tokenizer.ggml.merges": [f"{_byte_level(a)} {_byte_level(b)}" for *_, a, b in merges],
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+
+
+def test_gguf_tekken_vocabulary_matches_mistral_common() -> None:
+    """A Nemo GGUF keeps Tekken as a ``gpt2`` vocabulary with the ``tekken`` pre-tokenizer: the same ids."""
+    from server.tokenizer_gguf import gguf_tokenizer
+
+    tokenizer = gguf_tokenizer(gguf_metadata_of_tekken(SHIPPED[1]), "nemo.gguf")
+    reference = MistralTokenizer.from_file(str(SHIPPED[1])).instruct_tokenizer.tokenizer
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert ids == reference.encode(text, bos=False, eos=False), text
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.encode(TEXTS[0])[0] == 1
