@@ -27,10 +27,6 @@ from server.tokenizer import SpecialTokens, Tokenizer
 SUPPORTED_VERSIONS = ("v3", "v7", "v11", "v13")
 
 
-def is_tekken(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(".json") and "tekken" in path.name
-
-
 def _version(path: Path) -> str:
     """The file's ``config.version``, refused (one line naming file and field) unless supported."""
     try:
