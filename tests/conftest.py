@@ -10,6 +10,33 @@ from model.default_model import default_cache_dir, ensure_default_model
 from tests.server_process import ServerProcess
 
 
+def bf16_product_modes() -> list[str]:
+    """The cpu backend's bf16 product modes this machine's kernels have: widen+fma always, vdpbf16ps
+    with AVX512-BF16 (the server picks it where it is clearly faster: AMD Zen 4, not Intel Xeons)."""
+    from model.kernels import cpu_kernels
+
+    kernels = cpu_kernels()
+    return ["widen+fma", "vdpbf16ps"] if kernels is not None and kernels.has_bf16_dot() else ["widen+fma"]
+
+
+@pytest.fixture(params=bf16_product_modes())
+def bf16_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each bf16 product mode in turn, instead of the one the timing at start-up would pick."""
+    import model.cpu_decoder
+
+    mode = ("widen+fma", "vdpbf16ps").index(request.param)
+    monkeypatch.setattr(model.cpu_decoder, "pick_bf16_compute", lambda kernels: mode)
+    return str(request.param)
+
+
+@pytest.fixture
+def widen_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 products by widening to fp32 and FMA (activations stay fp32), whatever this CPU would pick."""
+    import model.cpu_decoder
+
+    monkeypatch.setattr(model.cpu_decoder, "pick_bf16_compute", lambda kernels: 0)
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The default GGUF; `make test` fetches it beforehand, so this is normally a cache hit."""

@@ -104,16 +104,19 @@ def test_sliding_window_holds_bounded_blocks(tmp_path: Path) -> None:
     assert driver.blocks.counters.window_released_blocks > 0
 
 
-BF16_TOLERANCE = 0.1  # logits of the tiny models reach |5|; the bf16 KV cache alone moves them by up to ~0.04
+# logits of the tiny models reach |5|; the bf16 KV cache alone moves them by up to ~0.04 (widen+fma);
+# vdpbf16ps also rounds each product's activations to bf16: measured up to 0.144 (AMD EPYC, Zen 4)
+BF16_TOLERANCE = {"widen+fma": 0.1, "vdpbf16ps": 0.25}
 
 
 @pytest.mark.parametrize("spec", PARITY_SPECS, ids=lambda s: s.name)
-def test_bf16_cpu_backend_matches_hf_on_bf16_weights(spec: TinySpec, tmp_path: Path) -> None:
-    """bf16 on the cpu backend: weights and KV cache in bf16, products and activations in fp32. The
+def test_bf16_cpu_backend_matches_hf_on_bf16_weights(spec: TinySpec, tmp_path: Path, bf16_mode: str) -> None:
+    """bf16 on the cpu backend, in each product mode the machine has: weights and KV cache in bf16,
+    products and activations in fp32 (widen+fma) or activations rounded to bf16 too (vdpbf16ps). The
     reference is HF in fp32 running the same bf16-rounded weights, so what is left is the bf16 KV
-    cache. Teacher-forced on HF's greedy continuation (random tiny models have near-ties that any
-    rounding flips): the 5 prompts prefill together, then decode their forced tokens together, and
-    every position's logits stay within BF16_TOLERANCE."""
+    cache (and the activations' rounding). Teacher-forced on HF's greedy continuation (random tiny
+    models have near-ties that any rounding flips): the 5 prompts prefill together, then decode their
+    forced tokens together, and every position's logits stay within BF16_TOLERANCE."""
     hf = build_hf_model(spec)
     with torch.no_grad():
         for parameter in hf.parameters():
@@ -143,4 +146,4 @@ def test_bf16_cpu_backend_matches_hf_on_bf16_weights(spec: TinySpec, tmp_path: P
             got[i].append(logits[i].clone())
     for sequence, rows in zip(sequences, got, strict=True):
         reference = hf_logits(hf, sequence[:-1])
-        assert (torch.stack(rows) - reference).abs().max().item() < BF16_TOLERANCE
+        assert (torch.stack(rows) - reference).abs().max().item() < BF16_TOLERANCE[bf16_mode]
