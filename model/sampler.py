@@ -107,7 +107,7 @@ class Sampler:
         rows, vocab = len(constrained), logits.shape[1]
         table = byte_bias_table(logits.device)
         bias = table[bitmask.contiguous().view(torch.uint8).long()].view(rows, -1)[:, :vocab]
-        empty = (bitmask == 0).all(dim=1)  # a matcher in error allows nothing: leave the row free, it fails the token
+        empty = (bitmask == 0).all(dim=1)  # a broken matcher allows nothing: the row stays finite (its sample ends)
         if bool(empty.any()):
             bias = bias.masked_fill(empty.unsqueeze(1), 0.0)
         if rows == logits.shape[0] and list(constrained) == list(range(rows)):

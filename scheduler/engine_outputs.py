@@ -5,7 +5,12 @@ Part of the engine loop (so it may use torch). Stopping order per new token: EOS
 -> stop; then ``max_tokens`` or the model's context -> length. EOS and stop token ids are
 banned from sampling until ``min_tokens`` tokens exist, and stop strings do not match
 before then either. A constrained sequence's matcher (``scheduler.structured``) takes every
-token that does not end it; when its grammar can take nothing more, the sequence stops.
+token that does not end it; when its grammar can take nothing more, the sequence stops. A
+matcher that refuses a token its own mask allowed, or is in its error state when a step begins
+(its mask then allows nothing, or only EOS: the sample would end as if complete), breaks an
+invariant (``server.grammar_vocab`` keeps vocabulary and tokenizer in agreement so that it
+cannot): that sample alone ends with ``error``, logged with its request id and counted
+(``EngineCounters.structured_refused_tokens``); the others go on.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import structlog
 import torch
 from llguidance import LLMatcher
 
@@ -29,6 +35,8 @@ from scheduler.request import (
 from scheduler.scheduler import Scheduler, SchedulerOutput
 from scheduler.structured import StructuredBatch
 
+log = structlog.get_logger(__name__)
+
 
 @dataclass
 class EngineCounters:
@@ -37,6 +45,7 @@ class EngineCounters:
     finished: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in FinishReason})
     rejected_queue_full: int = 0
     steps: int = 0
+    structured_refused_tokens: int = 0  # tokens a matcher refused after its mask allowed them, or empty masks
 
 
 def to_logprobs(choice: TokenChoice) -> TokenLogprobs:
@@ -87,12 +96,21 @@ class OutputProcessor:
         rows = [self._row(seq) for seq, _ in to_sample]
         constrained = [i for i, (seq, _) in enumerate(to_sample) if seq.seq_id in self.matchers]
         bitmask = None
+        stuck: set[int] = set()  # rows whose matcher allows no token at all
         if constrained:
             if self._structured is None:
                 self._structured = StructuredBatch(logits.shape[1])
-            bitmask = self._structured.bitmask([self.matchers[to_sample[i][0].seq_id] for i in constrained])
+            matchers = [self.matchers[to_sample[i][0].seq_id] for i in constrained]
+            bitmask = self._structured.bitmask(matchers)
+            empty = set((bitmask == 0).all(dim=1).nonzero().flatten().tolist())
+            # a matcher in its error state masks all but EOS: that would end the sample as if complete
+            stuck = {constrained[j] for j, matcher in enumerate(matchers) if j in empty or matcher.is_error()}
         choices = self.sampler.sample(logits[index], rows, constrained, bitmask)
-        return [(seq, self._append(seq, choice)) for (seq, _), choice in zip(to_sample, choices, strict=True)]
+        return [
+            (seq, self._refused(seq, choice.token_id, self._why_stuck(seq)) if i in stuck
+             else self._append(seq, choice))
+            for i, ((seq, _), choice) in enumerate(zip(to_sample, choices, strict=True))
+        ]  # fmt: skip
 
     def _fork_samples(self, parent: SequenceState) -> list[SequenceState]:
         children = []
@@ -177,9 +195,7 @@ class OutputProcessor:
         matcher = self.matchers.get(seq.seq_id)
         if matcher is not None and reason is None:
             if not matcher.consume_token(token):
-                output = RequestOutput(seq.request.request_id, seq.index, (token,), text)
-                return self.finished(seq, FinishReason.ERROR, last=output,
-                                     error=f"structured output: {matcher.get_error().strip()}")  # fmt: skip
+                return self._refused(seq, token, matcher.get_error().strip(), text, (token,))
             if matcher.is_stopped():  # the grammar is complete and takes nothing more
                 reason = FinishReason.STOP
         limit = params.max_tokens or self.max_model_len - seq.prompt_len
@@ -198,6 +214,21 @@ class OutputProcessor:
         if reason is None:
             return output
         return self.finished(seq, reason, stop_reason, output)
+
+    def _why_stuck(self, seq: SequenceState) -> str:
+        matcher = self.matchers[seq.seq_id]
+        return matcher.get_error().strip() if matcher.is_error() else "the grammar allows no token"
+
+    def _refused(
+        self, seq: SequenceState, token: int, why: str, text: str = "", token_ids: tuple[int, ...] = ()
+    ) -> RequestOutput:
+        """End one sample whose matcher broke the mask's promise (see the module docstring)."""
+        self.counters.structured_refused_tokens += 1
+        error = f"structured output refused token {token}: {why.splitlines()[0] if why else 'no reason given'}"
+        log.error("structured output refused a token", request_id=seq.request.request_id, sample=seq.index,
+                  token_id=token, error=why[:2000])  # fmt: skip
+        output = RequestOutput(seq.request.request_id, seq.index, token_ids, text)
+        return self.finished(seq, FinishReason.ERROR, last=output, error=error)
 
     def finished(
         self,

@@ -28,6 +28,17 @@ class ConstraintKind(StrEnum):
     REGEX = "regex"  # text: the output fullmatches it
     CHOICE = "choice"  # choices: the output is one of them
     GRAMMAR = "grammar"  # text: a Lark or GBNF context-free grammar
+    TOOL_CALLS = "tool_calls"  # text: the Lark grammar of forced tool calls in the model's format (server-built)
+
+
+@dataclass(frozen=True)
+class ReasoningSpan:
+    """Free text a constraint lets come before the output it shapes (a reasoning model's thinking):
+    from ``start`` to ``end``, each a special token's id (``[THINK]``) or a text (``<think>``);
+    ``start`` None when the prompt already opened it."""
+
+    start: int | str | None
+    end: int | str
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class Constraint:
     kind: ConstraintKind
     text: str = ""
     choices: tuple[str, ...] = ()
+    reasoning: ReasoningSpan | None = None  # the shape applies after this span, when the model writes one
 
     def __post_init__(self) -> None:
         kind = self.kind.value
@@ -58,16 +70,16 @@ class Constraint:
             raise ValueError(f"{kind} must be at most {MAX_CONSTRAINT_BYTES} bytes, got {size}")
 
     @property
-    def key(self) -> tuple[str, str, tuple[str, ...]]:
+    def key(self) -> tuple[str, str, tuple[str, ...], ReasoningSpan | None]:
         """What identifies the compiled grammar (the cache key)."""
-        return (self.kind.value, self.text, self.choices)
+        return (self.kind.value, self.text, self.choices, self.reasoning)
 
 
 class FinishReason(StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # cancelled by the client, or preempted out of the engine on shutdown
-    ERROR = "error"  # the step that ran it failed
+    ERROR = "error"  # the step that ran it failed, or its grammar matcher broke (that sample only)
 
 
 class QueueFullError(Exception):
@@ -100,6 +112,9 @@ class SamplingParams:
     logprobs: int | None = None  # chosen token's logprob plus this many alternatives (0..20)
     prompt_logprobs: int | None = None
     constraint: Constraint | None = None  # structured output
+    # special tokens whose text stays in the output (the markers the front-end reads tool calls
+    # and reasoning by: [TOOL_CALLS], [ARGS], [THINK], ...); other special tokens are dropped
+    kept_special_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, allowed: str, value: object) -> None:

@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,7 +29,7 @@ import torch
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
-from scheduler.request import Constraint, ConstraintKind
+from scheduler.request import Constraint, ConstraintKind, ReasoningSpan
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHE_SIZE = 256
@@ -37,6 +37,11 @@ CACHE_SIZE = 256
 
 def grammar_text(constraint: Constraint) -> str:
     """The llguidance grammar of ``constraint``; ValueError naming the field if it cannot be one."""
+    answer = _shape(constraint)
+    return answer if constraint.reasoning is None else after_reasoning(answer, constraint.reasoning)
+
+
+def _shape(constraint: Constraint) -> str:
     kind = constraint.kind
     if kind == ConstraintKind.JSON_SCHEMA:
         try:
@@ -52,6 +57,8 @@ def grammar_text(constraint: Constraint) -> str:
         return str(LLMatcher.grammar_from_regex(constraint.text))
     if kind == ConstraintKind.CHOICE:
         return str(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in constraint.choices)))
+    if kind == ConstraintKind.TOOL_CALLS:
+        return str(LLMatcher.grammar_from_lark(constraint.text))
     text = constraint.text
     if "::=" in text:  # GBNF (llama.cpp's format); Lark rules use ":"
         try:
@@ -59,6 +66,47 @@ def grammar_text(constraint: Constraint) -> str:
         except Exception as exc:  # the converter raises plain exceptions for syntax errors
             raise ValueError(f"grammar: not a valid GBNF grammar ({exc})") from None
     return str(LLMatcher.grammar_from_lark(text))
+
+
+def marker(value: int | str) -> str:
+    """A Lark terminal for a special token id (``<[5]>``: only that token, never text) or a text."""
+    return f"<[{value}]>" if isinstance(value, int) else json.dumps(value)
+
+
+def _regex_literal(text: str) -> str:
+    """``text`` matched literally inside a Lark ``/.../`` regex."""
+    return "".join(f"\\{c}" if c in "\\/.^$|?*+()[]{}-&~" else c for c in text)
+
+
+def _grammar_list(grammar: str) -> list[dict[str, object]]:
+    """llguidance takes a grammar as its JSON (``{"grammars": [...]}``) or as bare Lark text."""
+    try:
+        value = json.loads(grammar)
+    except json.JSONDecodeError:
+        value = None
+    if isinstance(value, dict) and isinstance(value.get("grammars"), list):
+        return list(value["grammars"])
+    return [{"lark_grammar": grammar}]
+
+
+def after_reasoning(answer: str, span: ReasoningSpan) -> str:
+    """``answer`` (llguidance grammar JSON) preceded by an optional reasoning span.
+
+    The span's text is any text up to its end marker: a special token, which text never
+    matches, ends it by being one; a text marker is the end of one lexeme that cannot hold the
+    marker earlier (``/.*</think>/ & ~/.*</think>.+/``: the first ``</think>`` closes it).
+    """
+    grammars = _grammar_list(answer)
+    grammars[0]["name"] = "answer"
+    if isinstance(span.end, int):
+        thinking, lexeme = f"THINKING {marker(span.end)}", "THINKING: /(?s:.*)/"
+    else:
+        end = _regex_literal(span.end)
+        thinking, lexeme = "THINKING", f"THINKING: /(?s:.*){end}/ & ~/(?s:.*{end}.+)/"
+    if span.start is not None:
+        thinking = f"({marker(span.start)} {thinking})?"
+    top = f"start: {thinking} @answer\n{lexeme}"
+    return json.dumps({"grammars": [{"lark_grammar": top}, *grammars]})
 
 
 def check_constraint(constraint: Constraint) -> None:
@@ -98,9 +146,9 @@ class GrammarCompiler:
         self._make_tokenizer = tokenizer
         self._tokenizer: LLTokenizer | None = None
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, str, tuple[str, ...]], LLMatcher] = OrderedDict()
+        self._cache: OrderedDict[Hashable, LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
-        self._building: dict[tuple[str, str, tuple[str, ...]], Future[Compiled]] = {}
+        self._building: dict[Hashable, Future[Compiled]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
 
     def submit(self, constraint: Constraint, done: Callable[[], None] = lambda: None) -> Future[Compiled]:

@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from model.config import CheckpointError
 from model.default_model import ModelFetchError, default_cache_dir, ensure_default_model
@@ -27,8 +28,15 @@ from server.options import (
 )
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad flags are one line naming the flag and what it allows (argparse prints usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mistral-serve", description="Serve Mistral-family language models.")
+    parser = OneLineErrors(prog="mistral-serve", description="Serve Mistral-family language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gRPC server")

@@ -6,6 +6,9 @@ is taken only when it does not end in U+FFFD, so a character whose bytes span se
 tokens (byte-level BPE, SentencePiece byte fallback) comes out whole. Starting the window
 on the last prompt tokens keeps the first output token's leading space.
 
+Special tokens are dropped from the text, except ``kept`` ones (the tool-call and reasoning
+markers the front-end parses), which appear as their strings (``[TOOL_CALLS]``).
+
 Stop strings are searched in the decoded text across token boundaries; text that could be
 the beginning of a stop string is held back until it is known not to be. The deltas
 returned always concatenate to the final text.
@@ -22,6 +25,16 @@ from server.tokenizer import Tokenizer
 PROMPT_CONTEXT = 6  # prompt tokens decoded with the output so spacing is right
 
 
+def held_back(text: str, token: str, limit: int | None = None) -> int:
+    """Length of the longest end of ``text`` (at most ``limit`` characters) that begins ``token``:
+    text to hold back because what follows may complete ``token``."""
+    longest = min(len(token) - 1, len(text) if limit is None else limit)
+    for k in range(longest, 0, -1):
+        if text.endswith(token[:k]):
+            return k
+    return 0
+
+
 class IncrementalDetokenizer:
     def __init__(
         self,
@@ -29,8 +42,11 @@ class IncrementalDetokenizer:
         prompt_ids: Sequence[int],
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        kept: Sequence[int] = (),
     ) -> None:
         self.tokenizer = tokenizer
+        self.kept = frozenset(kept)
+        self._dropped = tokenizer.special_ids - self.kept if kept else frozenset()
         self.tokens = list(prompt_ids[-PROMPT_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
@@ -58,8 +74,8 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Everything not yet returned, including an incomplete trailing character."""
         if not self.stopped:
-            tail = self.tokenizer.decode(self.tokens[self.prefix_offset :])
-            head = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+            tail = self._decode(self.tokens[self.prefix_offset :])
+            head = self._decode(self.tokens[self.prefix_offset : self.read_offset])
             if len(tail) > len(head):
                 self.text += tail[len(head) :]
                 self.prefix_offset = self.read_offset = len(self.tokens)
@@ -70,9 +86,14 @@ class IncrementalDetokenizer:
         twin.tokens = list(self.tokens)
         return twin
 
+    def _decode(self, ids: Sequence[int]) -> str:
+        if not self.kept:
+            return self.tokenizer.decode(ids)
+        return self.tokenizer.decode([i for i in ids if i not in self._dropped], skip_special_tokens=False)
+
     def _decode_new(self) -> None:
-        head = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.tokens[self.prefix_offset :])
+        head = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset :])
         if len(full) > len(head) and not full.endswith("\ufffd"):
             self.text += full[len(head) :]
             self.prefix_offset = self.read_offset
@@ -88,13 +109,7 @@ class IncrementalDetokenizer:
 
     def _held_back(self) -> int:
         """Length of the longest end of the text that begins some stop string."""
-        longest = 0
-        for stop in self.stop:
-            for k in range(min(len(stop) - 1, len(self.text) - self.emitted), longest, -1):
-                if self.text.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
+        return max((held_back(self.text, stop, len(self.text) - self.emitted) for stop in self.stop), default=0)
 
     def _take(self, end: int) -> str:
         end = max(end, self.emitted)

@@ -21,9 +21,11 @@ import structlog
 from scheduler.request import EngineDeadError, FinishReason, QueueFullError, RequestOutput, TokenLogprobs
 from server.engine_client import EngineClient
 from server.engine_protocol import RequestSpec
+from server.invalid import InvalidRequest
 from server.metrics import ServerMetrics
+from server.reasoning import ReasoningMarkers
 from server.tokenizer import Tokenizer
-from server.validation import InvalidRequest, Parsed, Prepared, prepare
+from server.validation import Parsed, Prepared, prepare
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +61,7 @@ class ServerState:
     aliases: tuple[str, ...] = ()  # further names clients may use (--served-model-name)
     log_prompts: bool = False
     default_max_tokens: int = 256  # where a request sets no max_tokens
+    reasoning: ReasoningMarkers | None = None  # what --reasoning-parser reads chat outputs by
     draining: bool = False
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -142,6 +145,12 @@ class Frontend:
         log.info("request rejected", reason=reason, error=message, peer=peer)
         return Rejected(reason, message)
 
+    def tool_calls_unparsed(self, why: str, text: str) -> None:
+        """A block of tool calls that did not parse (its text went back as content): log and count."""
+        if self.state.metrics is not None:
+            self.state.metrics.tool_call_parse_failures.inc()
+        log.warning("tool calls did not parse; returned as content", reason=why, text=text[:500])
+
     def serving(self, peer: str) -> Serving:
         if self.state.draining:
             raise self.reject(UNAVAILABLE, "the server is shutting down", peer)
@@ -162,6 +171,7 @@ class Frontend:
                 serving.engine.info.config.vocab_size,
                 serving.engine.max_model_len,
                 self.state.default_max_tokens,
+                self.state.reasoning,
             )
         except InvalidRequest as exc:
             raise self.reject(INVALID_ARGUMENT, str(exc), peer) from None
@@ -191,7 +201,7 @@ class Frontend:
             raise self.reject(UNAVAILABLE, str(exc), peer) from None
         except ValueError as exc:
             raise self.reject(INVALID_ARGUMENT, str(exc), peer) from None
-        outputs = Outputs(stream, RequestLog(len(prepared.prompt_ids), peer))
+        outputs = Outputs(stream, RequestLog(len(prepared.prompt_ids), peer), prepared.params.n)
         self.state.inflight += 1
         self.state.idle.clear()
         with structlog.contextvars.bound_contextvars(request_id=prepared.request_id):
@@ -207,31 +217,35 @@ class Frontend:
 
 
 class Outputs:
-    """A submitted request's outputs, in order. A sample that failed in the engine is yielded,
-    then ``Rejected(INTERNAL)`` is raised; a dead engine raises ``Rejected(UNAVAILABLE)``."""
+    """A submitted request's outputs, in order. A sample that failed in the engine is yielded
+    with finish reason ``error`` while the others go on; when every sample failed,
+    ``Rejected(INTERNAL)`` is raised after the last. A dead engine raises ``Rejected(UNAVAILABLE)``."""
 
-    def __init__(self, stream: AsyncIterator[RequestOutput], record: RequestLog) -> None:
+    def __init__(self, stream: AsyncIterator[RequestOutput], record: RequestLog, num_samples: int = 1) -> None:
         self._stream = stream
         self.record = record
+        self.num_samples = num_samples
         self.finished = 0
-        self._failed: str | None = None
+        self.errors: list[str] = []
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self._failed is not None:
-            raise Rejected(INTERNAL, f"generation failed: {self._failed}")
         try:
             output = await self._stream.__anext__()
         except EngineDeadError as exc:
             raise Rejected(UNAVAILABLE, str(exc)) from None
+        except StopAsyncIteration:
+            if self.errors and len(self.errors) == self.num_samples:
+                raise Rejected(INTERNAL, f"generation failed: {self.errors[0]}") from None
+            raise
         self.record.saw(output)
         if output.finished:
             self.finished += 1
             if output.finish_reason == FinishReason.ERROR:
-                log.error("generation failed", error=output.error)
-                self._failed = output.error or "unknown error"
+                log.error("generation failed", error=output.error, sample=output.index)
+                self.errors.append(output.error or "unknown error")
         return output
 
     async def collect(self) -> Collected:

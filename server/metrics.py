@@ -80,6 +80,7 @@ class _Baseline:
     prefix_hit_tokens: int
     window_released_blocks: int
     expert_tokens: tuple[tuple[int, ...], ...]
+    structured_refused_tokens: int
 
     @classmethod
     def of(cls, stats: EngineStats) -> _Baseline:
@@ -92,6 +93,7 @@ class _Baseline:
             stats.prefix_hit_tokens,
             stats.window_released_blocks,
             stats.expert_tokens,
+            stats.counters.structured_refused_tokens,
         )
 
 
@@ -143,6 +145,10 @@ class _EngineCollector(Collector):
                       stats.prefix_queried_tokens - base.prefix_queried_tokens)  # fmt: skip
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       stats.prefix_hit_tokens - base.prefix_hit_tokens)  # fmt: skip
+        yield counter("structured_output_refused_tokens",
+                      "Tokens a structured-output matcher refused after its own mask allowed them, and masks that "
+                      "allowed nothing (each ends its sample with finish reason error; should stay 0).",
+                      counters.structured_refused_tokens - base.structured_refused_tokens)  # fmt: skip
         yield counter("sliding_window_released_blocks", "KV blocks released behind a sliding window.",
                       stats.window_released_blocks - base.window_released_blocks)  # fmt: skip
         if stats.expert_tokens:
@@ -216,6 +222,10 @@ class ServerMetrics:
         self.grammar_cache_hits = Counter(
             PREFIX + "grammar_cache_hits", "Constrained requests whose matcher came from the cache.", labels,
             registry=r,
+        ).labels(model_name)  # fmt: skip
+        self.tool_call_parse_failures = Counter(
+            PREFIX + "tool_call_parse_failures", "Tool-call blocks that did not parse (sent back as content).",
+            labels, registry=r,
         ).labels(model_name)  # fmt: skip
         self.info = Info(PREFIX + "model", "The served model and how it runs.", registry=r)
 

@@ -27,6 +27,7 @@ class MistralCommonChat:
         except (ValueError, KeyError, AssertionError, MistralCommonException) as exc:
             raise CheckpointError(f"{path}: not a tokenizer mistral-common can read ({exc})") from None
         self.tokenizer = self.mistral.instruct_tokenizer.tokenizer  # Tekkenizer or SentencePieceTokenizer
+        self.version = str(self.tokenizer.version.value)  # "v3", "v7", "v11", "v13", ...
 
     def encode(
         self, messages: Sequence[Any], add_generation_prompt: bool = True, tools: Sequence[Any] | None = None

@@ -18,6 +18,7 @@ from typing import Any
 from model.kv_cache import parse_bytes
 from model.quant import QUANTIZATIONS
 from model.runner import BACKENDS
+from server.reasoning import REASONING_PARSERS
 
 ENV_PREFIX = "MISTRALSERVE_"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -185,6 +186,14 @@ SERVER_FLAGS = (
     Flag("--health-port", port, None, "extra plaintext port serving only grpc.health.v1 (for kubelet probes)"),
     Flag("--metrics-port", port, 9400, "Prometheus /metrics HTTP port (0: any free port, logged at startup)"),
     Flag("--log-prompts", boolean, False, "include prompt text in request logs (true/false)"),
+    Flag(
+        "--reasoning-parser",
+        None,
+        "auto",
+        "chat outputs' reasoning ([THINK]...[/THINK], <think>...</think>) in its own field: auto (when the tokenizer "
+        "has think markers), think (require them), none (leave it in the answer)",
+        REASONING_PARSERS,
+    ),
     Flag(
         "--debug-heap",
         boolean,

@@ -78,7 +78,9 @@ class Runtime:
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0
     ) -> EngineRequest:
         """An engine request whose text is detokenized incrementally by this model's tokenizer."""
-        stream = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output)
+        stream = IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output, params.kept_special_ids
+        )
         return EngineRequest(request_id, list(prompt_ids), params, stream, self.tokenizer.special.eos_ids, priority)
 
 

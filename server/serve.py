@@ -33,8 +33,10 @@ from server.grpc.server import GrpcServer, read
 from server.http.app import HttpFrontend
 from server.http.server import HttpServer, listen
 from server.metrics import ServerMetrics
+from server.reasoning import reasoning_markers
 from server.runtime import runtime_options
 from server.tokenizer_loader import load_tokenizer
+from server.tool_calls import call_style
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +100,7 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
 
     try:
         tokenizer = await asyncio.to_thread(load_tokenizer, model_path)
+        state.reasoning = reasoning_markers(tokenizer, args.reasoning_parser)
         engine = await EngineClient.start(
             runtime_options(args, model_path), args.log_level, args.log_format, args.debug_heap
         )
@@ -126,6 +129,8 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
         metrics_port=metrics_port,
         context_length=engine.max_model_len,
         engine_core_pid=engine.process.pid,
+        tool_call_format=call_style(tokenizer).format.value,
+        reasoning=None if state.reasoning is None else f"{state.reasoning.start}...{state.reasoning.end}",
     )
 
     async def drain_metrics() -> None:

@@ -26,6 +26,8 @@ class SpecialTokens:
 class ChatEncoder(Protocol):
     """Chat prompts built by a library rather than a template (``server.mistral_chat``)."""
 
+    version: str  # the instruct format's version (mistral-common's: v1, v3, v7, v11, v13, ...)
+
     def encode(
         self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Message] | None = None
     ) -> list[int]: ...
@@ -45,6 +47,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def vocab_size(self) -> int: ...
 
+    @property
+    def instruct_version(self) -> str | None:
+        """Mistral's instruct format version where a library builds the prompts, else None."""
+        return self.chat_encoder.version if self.chat_encoder is not None else None
+
     @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; special-token strings inside it become their ids.
@@ -53,7 +60,23 @@ class Tokenizer(ABC):
         """
 
     @abstractmethod
+    def encode_exact(self, text: str) -> list[int]:
+        """Ids whose pieces spell exactly ``text`` as ``piece_bytes`` gives them: no BOS, no
+        dummy-prefix space, special-token strings left as text. What a grammar matcher gets when it
+        asks how the model would write some text (``server.grammar_vocab``)."""
+
+    @abstractmethod
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    @property
+    @abstractmethod
+    def special_ids(self) -> frozenset[int]:
+        """Control tokens: never produced by encoding text, dropped by ``decode`` unless kept."""
+
+    def special_id(self, text: str) -> int | None:
+        """The id of the special token spelled ``text`` (``[TOOL_CALLS]``), or None."""
+        ids = self.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 and ids[0] in self.special_ids else None
 
     def render_chat(
         self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Message] | None = None

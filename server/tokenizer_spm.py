@@ -36,7 +36,7 @@ class SentencePieceTokenizer(Tokenizer):
         no_prefix.normalizer_spec.add_dummy_prefix = False
         self._sp_no_prefix = SentencePieceProcessor(model_proto=no_prefix.SerializeToString())
         self._control = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == CONTROL}
-        self._control_ids = set(self._control.values())
+        self._control_ids = frozenset(self._control.values())
         pattern = "|".join(re.escape(piece) for piece in sorted(self._control, key=len, reverse=True))
         self._split = re.compile(f"({pattern})") if pattern else None
         self.add_bos = add_bos
@@ -83,6 +83,13 @@ class SentencePieceTokenizer(Tokenizer):
                 processor = self._sp if index == 0 else self._sp_no_prefix
                 ids.extend(processor.encode(segment))
         return ids
+
+    def encode_exact(self, text: str) -> list[int]:
+        return list(self._sp_no_prefix.encode(text))
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._control_ids
 
     def piece_bytes(self) -> tuple[list[bytes], list[int]]:
         """Each id's bytes (``▁`` a space, ``<0xNN>`` that byte) and the special (control, unknown) ids."""

@@ -71,6 +71,13 @@ class TekkenTokenizer(Tokenizer):
                 ids.extend(self._tekken.encode(segment, bos=False, eos=False))
         return ids
 
+    def encode_exact(self, text: str) -> list[int]:
+        return list(self._tekken.encode(text, bos=False, eos=False))
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(range(self.num_special_tokens))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         policy = self._ignore if skip_special_tokens else self._keep
         return str(self._tekken.decode(list(ids), special_token_policy=policy))

@@ -7,7 +7,6 @@ says what is allowed.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,10 @@ from mistralserve.v1 import generation_pb2 as pb
 
 from scheduler.request import Constraint, ConstraintKind, SamplingParams
 from scheduler.structured import check_constraint
-from server.chat_template import ChatTemplateError
+from server.chat_messages import chat_ids, chat_output
+from server.chat_output import ChatOutputSpec
+from server.invalid import InvalidRequest
+from server.reasoning import ReasoningMarkers
 from server.tokenizer import Tokenizer
 
 INPUT_FIELD_NUMBERS = {1: "prompt", 2: "messages", 3: "prompt_token_ids"}
@@ -24,7 +26,6 @@ CONSTRAINT_FIELD_NUMBERS = {11: "json_schema", 12: "json_object", 13: "regex", 1
 SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty",
 )  # fmt: skip
-ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID = 256
 # SamplingParams field -> where it lives in the request
 FIELD_PATHS = {
@@ -35,10 +36,6 @@ FIELD_PATHS = {
 }  # fmt: skip
 
 GenerationRequest = pb.GenerateRequest | pb.GenerateStreamRequest
-
-
-class InvalidRequest(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -114,6 +111,7 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     priority: int
+    chat: ChatOutputSpec | None = None  # chat with tools or on a reasoning model: how to read the output
 
 
 def prompt_ids(request: Any, input_fields: int, tokenizer: Tokenizer, vocab_size: int, context: int) -> list[int]:
@@ -139,61 +137,6 @@ def prompt_ids(request: Any, input_fields: int, tokenizer: Tokenizer, vocab_size
     if len(ids) >= context:
         raise InvalidRequest(f"{which}: {len(ids)} tokens; the context allows at most {context - 1}")
     return ids
-
-
-def chat_ids(messages: pb.ChatMessages, tokenizer: Tokenizer) -> list[int]:
-    if not messages.messages:
-        raise InvalidRequest("messages: must hold at least one message")
-    turns = [_chat_turn(i, message) for i, message in enumerate(messages.messages)]
-    tools = [_tool(i, tool) for i, tool in enumerate(messages.tools)]
-    try:
-        return tokenizer.encode_chat(turns, tools=tools or None)
-    except (ChatTemplateError, ValueError) as exc:
-        raise InvalidRequest(f"messages: {exc}") from None
-
-
-def _json_object(text: str, field: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{field}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"{field}: must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _chat_turn(i: int, message: pb.ChatMessage) -> dict[str, Any]:
-    """A message as Hugging Face chat templates take it (OpenAI's shape, arguments as objects)."""
-    if message.role not in ROLES:
-        raise InvalidRequest(f"messages[{i}].role: {message.role!r} is not one of {', '.join(ROLES)}")
-    turn: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.tool_calls:
-        if message.role != "assistant":
-            raise InvalidRequest(f"messages[{i}].tool_calls: only assistant messages carry tool calls")
-        turn["tool_calls"] = [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {
-                    "name": call.name,
-                    "arguments": _json_object(call.arguments or "{}", f"messages[{i}].tool_calls[{j}].arguments"),
-                },
-            }
-            for j, call in enumerate(message.tool_calls)
-        ]
-    if message.role == "tool":
-        turn["tool_call_id"] = message.tool_call_id
-        if message.name:
-            turn["name"] = message.name
-    return turn
-
-
-def _tool(i: int, tool: pb.Tool) -> dict[str, Any]:
-    if not tool.name:
-        raise InvalidRequest(f"messages.tools[{i}].name: must not be empty")
-    parameters = _json_object(tool.parameters, f"messages.tools[{i}].parameters") if tool.parameters else {}
-    function: dict[str, Any] = {"name": tool.name, "description": tool.description, "parameters": parameters}
-    return {"type": "function", "function": function}
 
 
 def constraint(request: Any, constraint_fields: int) -> Constraint | None:
@@ -223,7 +166,11 @@ def constraint(request: Any, constraint_fields: int) -> Constraint | None:
 
 
 def sampling_params(
-    request: Any, room: int, default_max_tokens: int, output_constraint: Constraint | None = None
+    request: Any,
+    room: int,
+    default_max_tokens: int,
+    output_constraint: Constraint | None = None,
+    kept_special_ids: tuple[int, ...] = (),
 ) -> SamplingParams:
     """The request's sampling and stopping; an unset max_tokens is ``default_max_tokens``, capped by
     ``room`` (the context left after the prompt), where a set one above ``room`` is an error."""
@@ -245,6 +192,7 @@ def sampling_params(
         n=opt(request, "n") if request.HasField("n") else 1,
         logprobs=logprobs,
         constraint=output_constraint,
+        kept_special_ids=kept_special_ids,
     )
     if values["max_tokens"] is None:
         values["max_tokens"] = max(1, min(max(default_max_tokens, stopping.min_tokens), room))
@@ -260,7 +208,15 @@ def sampling_params(
     return params
 
 
-def prepare(parsed: Parsed, tokenizer: Tokenizer, vocab_size: int, context: int, default_max_tokens: int) -> Prepared:
+def prepare(
+    parsed: Parsed,
+    tokenizer: Tokenizer,
+    vocab_size: int,
+    context: int,
+    default_max_tokens: int,
+    reasoning: ReasoningMarkers | None = None,
+) -> Prepared:
+    """``reasoning``: the markers of ``--reasoning-parser`` (chat requests only are split by them)."""
     if parsed.error is not None:
         raise InvalidRequest(parsed.error)
     request = parsed.message
@@ -268,5 +224,9 @@ def prepare(parsed: Parsed, tokenizer: Tokenizer, vocab_size: int, context: int,
         raise InvalidRequest(f"request_id: at most {MAX_REQUEST_ID} characters, got {len(request.request_id)}")
     ids = prompt_ids(request, parsed.input_fields, tokenizer, vocab_size, context)
     output_constraint = constraint(request, parsed.constraint_fields)
-    params = sampling_params(request, context - len(ids), default_max_tokens, output_constraint)
-    return Prepared(request.request_id or uuid.uuid4().hex, ids, params, request.priority)
+    chat = None
+    if request.WhichOneof("input") == "messages":
+        chat, output_constraint = chat_output(request.messages, tokenizer, ids, output_constraint, reasoning)
+    kept = chat.kept_ids if chat is not None else ()
+    params = sampling_params(request, context - len(ids), default_max_tokens, output_constraint, kept)
+    return Prepared(request.request_id or uuid.uuid4().hex, ids, params, request.priority, chat)

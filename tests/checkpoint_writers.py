@@ -199,7 +199,7 @@ def write_gguf(
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
     for key, value in (metadata or {}).items():
-        _add_metadata(writer, key, value)
+        add_metadata(writer, key, value)
     stored: dict[str, torch.Tensor] = {}
     raws: dict[str, np.ndarray] = {}
     kinds: dict[str, gguf.GGMLQuantizationType] = {}
@@ -230,7 +230,7 @@ def _encode(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarray:
     return np.asarray(quantize(data, kind))
 
 
-def _add_metadata(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+def add_metadata(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):

@@ -96,8 +96,8 @@ def test_grpc_table_gives_400_with_the_same_message(server: ServerProcess, name:
             {"prompt": "hi", "request_id": "r"},
             "request_id: unknown field (this route takes best_of, echo, frequency_penalty, ignore_eos, "
             "include_stop_str_in_output, logit_bias, logprobs, max_tokens, min_p, min_tokens, n, presence_penalty, "
-            "prompt, repetition_penalty, response_format, seed, stop, stop_token_ids, stream, stream_options, "
-            "structured_outputs, suffix, temperature, top_k, top_p, and model)",
+            "prompt, repetition_penalty, response_format, return_token_ids, seed, stop, stop_token_ids, stream, "
+            "stream_options, structured_outputs, suffix, temperature, top_k, top_p, and model)",
         ),
         (
             CHAT_ROUTE,

@@ -7,6 +7,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from mistralserve.v1 import generation_pb2 as pb
 from model.sampler import Sampler, SamplingRow
 from scheduler.request import MAX_CONSTRAINT_BYTES, Constraint, ConstraintKind, RequestOutput, SamplingParams
 from scheduler.structured import Compiled, GrammarCompiler, check_constraint
-from server.http.tools import CallStream, ToolChoice, parse_calls
+from server.invalid import InvalidRequest
 from server.runtime import RuntimeOptions, build_runtime
-from server.validation import InvalidRequest, Parsed, constraint, deserializer
+from server.tool_calls import CallFormat, CallParser, CallStyle
+from server.validation import Parsed, constraint, deserializer
 from tests.engine_harness import run
 
 PERSON = {
@@ -246,10 +248,15 @@ def test_a_slow_grammar_does_not_stall_other_requests(runtime: Any) -> None:
 # -- tool calls read back from the output ----------------------------------------------------
 
 NAMES = frozenset({"get_weather", "add"})
+JSON_STYLE = CallStyle(CallFormat.JSON)
+
+
+def unparsed(failures: list[str]) -> Callable[[str, str], None]:
+    return lambda why, text: failures.append(text)
 
 
 def test_forced_calls_stream_one_call_per_complete_object() -> None:
-    stream = CallStream(ToolChoice("forced", NAMES))
+    stream = CallParser(JSON_STYLE, NAMES, forced=True, on_failure=unparsed([]))
     pieces = [
         '[{"name": "get_weather", "argu',
         'ments": {"city": "Par',
@@ -264,29 +271,39 @@ def test_forced_calls_stream_one_call_per_complete_object() -> None:
     assert stream.finish() == ("", [])
 
 
-def test_auto_streams_text_at_once_and_holds_calls_to_the_end() -> None:
-    text = CallStream(ToolChoice("auto", NAMES))
+def test_auto_streams_text_at_once_and_holds_a_json_list_to_the_end() -> None:
+    failures: list[str] = []
+    text = CallParser(JSON_STYLE, NAMES, forced=False, on_failure=unparsed(failures))
     assert text.feed("  ") == ("", [])
     assert text.feed("Hello") == ("  Hello", [])
     assert text.feed(" there") == (" there", [])
-    calls = CallStream(ToolChoice("auto", NAMES))
-    assert calls.feed("[TOOL_") == ("", [])
-    assert calls.feed('CALLS] [{"name": "add", "arguments": {"a": 2}}]') == ("", [])
+    calls = CallParser(JSON_STYLE, NAMES, forced=False, on_failure=unparsed(failures))
+    assert calls.feed(' [{"name": "add", ') == ("", [])
+    assert calls.feed('"arguments": {"a": 2}}]') == ("", [])
     content, found = calls.finish()
     assert content == "" and [(c.name, json.loads(c.arguments)) for c in found] == [("add", {"a": 2})]
-    unknown = CallStream(ToolChoice("auto", NAMES))
+    unknown = CallParser(JSON_STYLE, NAMES, forced=False, on_failure=unparsed(failures))
     assert unknown.feed('[{"name": "delete_all", "arguments": {}}]') == ("", [])
     assert unknown.finish() == ('[{"name": "delete_all", "arguments": {}}]', [])
+    assert failures == []  # without a marker, JSON that is no call is content, not a failed call
 
 
-def test_parse_calls_accepts_only_calls_of_known_tools() -> None:
-    assert parse_calls('{"name": "add", "arguments": {"a": 1}}', NAMES) is not None
-    assert parse_calls('[{"name": "add", "arguments": "1"}]', NAMES) is None
-    assert parse_calls("[1, 2]", NAMES) is None
-    assert parse_calls("The weather is fine.", NAMES) is None
-    [call] = parse_calls('[{"name": "add", "arguments": {"a": 1}}]', NAMES) or []
-    assert call.json(0)["function"] == {"name": "add", "arguments": '{"a": 1}'}
-    assert call.id.startswith("call_") and len(call.id) == 29
+def test_json_list_calls_are_only_calls_of_known_tools_with_object_arguments() -> None:
+    def parse(text: str) -> list[tuple[str, dict[str, object]]] | str:
+        parser = CallParser(JSON_STYLE, NAMES, forced=False, on_failure=unparsed([]))
+        content, calls = parser.feed(text)
+        more, late = parser.finish()
+        return content + more if not calls + late else [(c.name, json.loads(c.arguments)) for c in calls + late]
+
+    assert parse('{"name": "add", "arguments": {"a": 1}}') == [("add", {"a": 1})]
+    assert parse('[{"name": "add", "arguments": "1"}]') == '[{"name": "add", "arguments": "1"}]'
+    assert parse("[1, 2]") == "[1, 2]"
+    assert parse("The weather is fine.") == "The weather is fine."
+    parser = CallParser(JSON_STYLE, NAMES, forced=False, on_failure=unparsed([]))
+    parser.feed('[{"name": "add", "arguments": {"a": 1}}]')
+    [call] = parser.finish()[1]
+    assert call.arguments == '{"a": 1}'
+    assert re.fullmatch("[a-zA-Z0-9]{9}", call.id)  # Mistral's validator takes no other id back
 
 
 # -- vocabularies as llguidance sees them ------------------------------------------------------
@@ -294,8 +311,9 @@ def test_parse_calls_accepts_only_calls_of_known_tools() -> None:
 
 def test_every_tokenizer_kind_gives_llguidance_its_bytes(default_model_path: Path, tiny_checkpoint: Path) -> None:
     """GGUF byte-level BPE (read by llguidance itself), a character vocabulary with a Fuse decoder
-    (spelled out), SentencePiece v3 (spelled out): llguidance tokenizes like we do, decodes back,
-    and the vocabulary is padded to the model's size."""
+    (spelled out), SentencePiece v3 (spelled out): the ids llguidance tokenizes text into spell
+    exactly that text in its vocabulary's bytes (SentencePiece's dummy-prefix space is not added:
+    ``{`` is the piece ``{``, not ``▁{``), and the vocabulary is padded to the model's size."""
     from server.grammar_vocab import grammar_tokenizer
     from server.tokenizer_loader import load_tokenizer
     from server.tokenizer_spm import SentencePieceTokenizer
@@ -309,9 +327,13 @@ def test_every_tokenizer_kind_gives_llguidance_its_bytes(default_model_path: Pat
     ):
         ll = grammar_tokenizer(tokenizer, vocab_size)
         assert ll.vocab_size == vocab_size
-        ids = tokenizer.encode(text if tokenizer.vocab_size > 200 else "hello world", add_special_tokens=False)
-        assert ll.tokenize_str(text if tokenizer.vocab_size > 200 else "hello world") == ids
-        assert ll.decode_str(ids).lstrip() == tokenizer.decode(ids)
+        sample = text if tokenizer.vocab_size > 200 else "hello world"
+        ids = ll.tokenize_str(sample)
+        assert ids == tokenizer.encode_exact(sample)
+        assert ll.decode_bytes(ids) == sample.encode()
+        assert tokenizer.decode(ids) == sample
+        first = ll.tokenize_str("{")
+        assert ll.decode_bytes(first) == b"{" and tokenizer.decode(first) == "{"
         assert list(ll.eos_tokens) == list(tokenizer.special.eos_ids)
 
 
@@ -348,3 +370,74 @@ def test_one_build_per_text_however_many_requests_wait_for_it(default_model_path
             future.result(timeout=30)
     assert compiler._building == {}
     compiler.shutdown()
+
+
+# -- a matcher that breaks its promise ---------------------------------------------------------
+
+
+def break_matcher(matcher: Any) -> None:
+    """Put a real matcher in its error state: feed it a token it does not allow (EOS-less: 0)."""
+    assert not matcher.consume_token(0) and matcher.is_error()
+
+
+@pytest.mark.parametrize("when", ["refused", "empty_mask"])
+def test_a_broken_matcher_ends_only_its_own_sample(runtime: Any, when: str) -> None:
+    """A matcher that refuses the token its own mask allowed (broken between the mask and the
+    draw), or whose mask allows nothing (broken before the step): that sample alone ends with
+    finish reason error, the refusal is counted and logged with the request id and the token; the
+    request's other sample finishes valid and an unconstrained request is not disturbed."""
+    from structlog.testing import capture_logs
+
+    from scheduler.output_stream import SyncOutputStream
+
+    engine = runtime.engine
+    tokenizer = runtime.tokenizer
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "Describe a person as JSON."}])
+    params = SamplingParams(temperature=0.9, seed=7, n=2, max_tokens=120,
+                            constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(PERSON)))  # fmt: skip
+    plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    streams = {"bad": SyncOutputStream(2), "plain": SyncOutputStream(1)}
+    engine.submit(runtime.request("bad", prompt, params), streams["bad"])
+    engine.submit(runtime.request("plain", tokenizer.encode("Once upon a time"), plain), streams["plain"])
+    before = engine.counters.structured_refused_tokens
+    sample = engine.outputs.sampler.sample
+    broken: list[str] = []
+    seen: list[int] = []  # sampling steps since sample 1 was forked
+
+    def sample_then_break(*args: Any, **kwargs: Any) -> Any:
+        choices = sample(*args, **kwargs)
+        matcher = engine.outputs.matchers.get("bad#1")
+        if matcher is not None:
+            seen.append(1)
+        if when == "refused" and matcher is not None and not broken and len(seen) == 3:
+            break_matcher(matcher)  # after this step's masks, before its tokens are consumed
+            broken.append("bad#1")
+        return choices
+
+    engine.outputs.sampler.sample = sample_then_break
+    try:
+        with capture_logs() as logs:
+            for _ in range(5000):
+                if not (engine.scheduler.has_work or engine.has_work or engine.compiling):
+                    break
+                matcher = engine.outputs.matchers.get("bad#1")
+                if when == "empty_mask" and matcher is not None and not broken and len(seen) == 3:
+                    break_matcher(matcher)  # between steps: the next mask allows nothing
+                    broken.append("bad#1")
+                engine.step()
+                if engine.compiling:
+                    time.sleep(0.001)
+    finally:
+        engine.outputs.sampler.sample = sample
+    outputs = {name: list(stream) for name, stream in streams.items()}
+    by_sample = {i: [o for o in outputs["bad"] if o.index == i] for i in (0, 1)}
+    assert broken == ["bad#1"]
+    assert by_sample[1][-1].finish_reason == "error"
+    assert "structured output refused token" in (by_sample[1][-1].error or "")
+    assert by_sample[0][-1].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(o.text for o in by_sample[0])), PERSON)
+    assert outputs["plain"][-1].finish_reason == "length" and sum(len(o.token_ids) for o in outputs["plain"]) == 12
+    assert engine.counters.structured_refused_tokens == before + 1
+    [line] = [entry for entry in logs if entry["event"] == "structured output refused a token"]
+    assert line["request_id"] == "bad" and line["sample"] == 1 and isinstance(line["token_id"], int)
+    assert runtime.blocks.num_free_blocks == runtime.blocks.num_blocks

@@ -19,6 +19,7 @@ from model.config import CheckpointError
 from server.grammar_vocab import grammar_tokenizer
 from server.tokenizer_loader import load_tokenizer
 from server.tokenizer_tekken import TekkenTokenizer
+from tests.vocabularies import write_tekken
 
 DATA = Path(mistral_common.__file__).parent / "data"
 SHIPPED = [DATA / "tekken_240718.json", DATA / "tekken_240911.json"]
@@ -72,17 +73,6 @@ def versioned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     path = tmp_path_factory.mktemp(request.param) / "tekken.json"
     write_tekken(DATA / "tekken_240718.json", request.param, path)
     return path
-
-
-def write_tekken(source: Path, version: str, path: Path) -> None:
-    """``source``'s vocabulary as a tekken.json of ``version``, with the special-token list Tekken
-    files carry since v7 (the 20 of old, then [ARGS], [CALL_ID], ...)."""
-    data = json.loads(source.read_text())
-    data["config"]["version"] = version
-    names = [str(t["token_str"].value) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
-    names += [s.value for s in SpecialTokens if s.value not in names]
-    data["special_tokens"] = [{"rank": i, "token_str": name, "is_control": True} for i, name in enumerate(names)]
-    path.write_text(json.dumps(data))
 
 
 WEATHER = {

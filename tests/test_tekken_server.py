@@ -19,7 +19,7 @@ from model.loader import load_model
 from tests.checkpoint_writers import hf_state, write_mistral
 from tests.hf_reference import TinySpec, build_hf_model, save_hf_model
 from tests.server_process import ServerProcess
-from tests.test_tekken import write_tekken
+from tests.vocabularies import write_tekken
 
 SPEC = TinySpec("nemo_like", heads=4, kv_heads=2, head_dim=32, theta=1e6, vocab=131072)
 DATA = Path(mistral_common.__file__).parent / "data"

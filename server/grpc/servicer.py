@@ -16,6 +16,8 @@ import structlog
 from mistralserve.v1 import generation_pb2 as pb
 
 from scheduler.request import FinishReason, RequestOutput, TokenLogprobs
+from server.chat_messages import chat_ids
+from server.chat_output import ChatDelta, ChatOutputs
 from server.frontend import (
     INTERNAL,
     INVALID_ARGUMENT,
@@ -27,7 +29,8 @@ from server.frontend import (
     ServerState,
     Serving,
 )
-from server.validation import InvalidRequest, Parsed, chat_ids, deserializer
+from server.invalid import InvalidRequest
+from server.validation import Parsed, deserializer
 
 log = structlog.get_logger(__name__)
 if TYPE_CHECKING:  # grpc's classes are generic only in its type stubs
@@ -89,22 +92,28 @@ class GenerationServicer:
     async def GenerateStream(self, parsed: Parsed, context: Context) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             runtime, prepared = self.frontend.prepare(parsed, context.peer())
+            chat = ChatOutputs(prepared.chat, self.frontend.tool_calls_unparsed)
             async with self.frontend.generate(runtime, prepared, context.peer()) as outputs:
                 async for output in outputs:
-                    yield self._stream_response(runtime, output)
+                    parts = chat.parts(output.index, output.text, output.finished)
+                    yield self._stream_response(runtime, output, parts)
         except Rejected as exc:
             await abort(context, STATUS[exc.reason], exc.message)
 
     async def Generate(self, parsed: Parsed, context: Context) -> pb.GenerateResponse:
         try:
             runtime, prepared = self.frontend.prepare(parsed, context.peer())
+            chat = ChatOutputs(prepared.chat, self.frontend.tool_calls_unparsed)
             async with self.frontend.generate(runtime, prepared, context.peer()) as outputs:
                 collected = await outputs.collect()
+                completions = [
+                    self._completion(runtime, c, chat.parts(c.index, c.text, last=True)) for c in collected.completions
+                ]
         except Rejected as exc:
             await abort(context, STATUS[exc.reason], exc.message)
         return pb.GenerateResponse(
             request_id=prepared.request_id,
-            completions=[self._completion(runtime, completion) for completion in collected.completions],
+            completions=completions,
             usage=pb.Usage(
                 prompt_tokens=collected.prompt_tokens,
                 completion_tokens=collected.completion_tokens,
@@ -112,24 +121,32 @@ class GenerationServicer:
             ),
         )
 
-    def _completion(self, runtime: Serving, completion: Completion) -> pb.Completion:
+    @staticmethod
+    def _calls(parts: ChatDelta) -> list[pb.ToolCall]:
+        return [pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments) for call in parts.calls]
+
+    def _completion(self, runtime: Serving, completion: Completion, parts: ChatDelta) -> pb.Completion:
         message = pb.Completion(
             index=completion.index,
-            text=completion.text,
+            text=parts.content,
             token_ids=completion.token_ids,
             logprobs=[self._logprobs(runtime, entry) for entry in completion.logprobs],
+            reasoning=parts.reasoning,
+            tool_calls=self._calls(parts),
         )
         if completion.finish_reason is not None:
             self._finish(message, completion.finish_reason, completion.stop_reason)
         return message
 
-    def _stream_response(self, runtime: Serving, output: RequestOutput) -> pb.GenerateStreamResponse:
+    def _stream_response(self, runtime: Serving, output: RequestOutput, parts: ChatDelta) -> pb.GenerateStreamResponse:
         response = pb.GenerateStreamResponse(
             request_id=output.request_id,
             index=output.index,
-            text=output.text,
+            text=parts.content,
             token_ids=output.token_ids,
             logprobs=[self._logprobs(runtime, entry) for entry in output.logprobs],
+            reasoning=parts.reasoning,
+            tool_calls=self._calls(parts),
         )
         if output.finished:
             assert output.finish_reason is not None

@@ -38,7 +38,8 @@ from server.frontend import (
 from server.http.formats import ChatFormat, CompletionFormat, Format, WorkersAIFormat, event, openai_error
 from server.http.formats import workers_ai_error as workers_error
 from server.http.requests import HttpRequest, chat_request, completion_request, param_of, workers_ai_request
-from server.validation import InvalidRequest, Parsed, Prepared
+from server.invalid import InvalidRequest
+from server.validation import Parsed, Prepared
 
 log = structlog.get_logger(__name__)
 STATUS = {INVALID_ARGUMENT: 400, QUEUE_FULL: 429, UNAVAILABLE: 503, INTERNAL: 500}
@@ -230,7 +231,7 @@ class HttpFrontend:
             param = param_of(exc.message, names) if status == 400 else None
             payload = as_error(status, exc.message) if as_error else openai_error(status, exc.message, param)
             return json_response(status, payload)
-        fmt = format_class(parsed, prepared.request_id, model, serving.tokenizer)
+        fmt = format_class(parsed, prepared, model, serving.tokenizer, self.frontend.tool_calls_unparsed)
         return GenerationResponse(self.frontend, serving, prepared, peer, fmt)
 
     def _authorize(self, request: Request) -> None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from scheduler.request import FinishReason, RequestOutput, TokenLogprobs
+from server.chat_output import ChatOutputs
 from server.frontend import Collected, Completion
 from server.http.requests import HttpRequest
-from server.http.tools import CallStream, ToolCall
 from server.tokenizer import Tokenizer
+from server.tool_calls import ToolCall
+from server.validation import Prepared
 
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 DONE = b"data: [DONE]\n\n"
@@ -67,18 +69,37 @@ class Usage:
         }
 
 
+def tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """An OpenAI ``tool_calls`` entry (with ``index`` in stream deltas)."""
+    entry: dict[str, Any] = {"id": call.id, "type": "function",
+                             "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
+    return entry if index is None else {"index": index, **entry}
+
+
 class Format:
-    """How one route writes a generation: stream chunks, the stream's end, a whole response, errors."""
+    """How one route writes a generation: stream chunks, the stream's end, a whole response, errors.
+
+    Chat outputs are read per sample by ``server.chat_output`` where the request has tools or the
+    model reasons (``prepared.chat``)."""
 
     media_type = "application/json"
 
-    def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self,
+        request: HttpRequest,
+        prepared: Prepared,
+        model: str,
+        tokenizer: Tokenizer,
+        on_unparsed: Callable[[str, str], None] = lambda why, text: None,
+    ) -> None:
         self.request = request
-        self.request_id = request_id
+        self.prepared = prepared
+        self.request_id = prepared.request_id
         self.model = model
         self.tokenizer = tokenizer
         self.created = int(time.time())
         self.usage = Usage()
+        self.parts = ChatOutputs(prepared.chat, on_unparsed).parts
 
     def chunks(self, output: RequestOutput) -> list[bytes]:
         raise NotImplementedError
@@ -106,6 +127,7 @@ class OpenAIFormat(Format):
     id_prefix = ""
     whole_object = ""
     chunk_object = ""
+    sent_prompt_ids = False
 
     def choice(self, output: RequestOutput) -> dict[str, Any]:
         raise NotImplementedError
@@ -124,9 +146,14 @@ class OpenAIFormat(Format):
 
     def chunks(self, output: RequestOutput) -> list[bytes]:
         self.usage.add(output)
-        chunk = self._envelope(self.chunk_object, [self.choice(output)])
+        choice = self.choice(output)
+        chunk = self._envelope(self.chunk_object, [choice])
         if self.request.include_usage:
             chunk["usage"] = None
+        if self.request.return_token_ids:
+            choice["token_ids"] = list(output.token_ids)
+            if not self.sent_prompt_ids:
+                chunk["prompt_token_ids"], self.sent_prompt_ids = list(self.prepared.prompt_ids), True
         return [event(chunk)]
 
     def end(self) -> list[bytes]:
@@ -137,7 +164,12 @@ class OpenAIFormat(Format):
     def whole(self, collected: Collected) -> dict[str, Any]:
         usage = Usage(collected.prompt_tokens, collected.completion_tokens, collected.cached_tokens)
         choices = [self.whole_choice(c) for c in collected.completions]
-        return {**self._envelope(self.whole_object, choices), "usage": usage.json()}
+        answer = {**self._envelope(self.whole_object, choices), "usage": usage.json()}
+        if self.request.return_token_ids:
+            answer["prompt_token_ids"] = list(self.prepared.prompt_ids)
+            for choice, completion in zip(choices, collected.completions, strict=True):
+                choice["token_ids"] = list(completion.token_ids)
+        return answer
 
 
 class CompletionFormat(OpenAIFormat):
@@ -145,8 +177,8 @@ class CompletionFormat(OpenAIFormat):
 
     id_prefix, whole_object, chunk_object = "cmpl-", "text_completion", "text_completion"
 
-    def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
-        super().__init__(request, request_id, model, tokenizer)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.offsets: dict[int, int] = {}  # logprobs' text_offset: where each sample's next token starts
 
     def _logprobs(self, index: int, entries: Sequence[TokenLogprobs]) -> Any:
@@ -184,14 +216,13 @@ class CompletionFormat(OpenAIFormat):
 
 
 class ChatFormat(OpenAIFormat):
-    """``/v1/chat/completions``."""
+    """``/v1/chat/completions``: reasoning as ``reasoning_content`` (vLLM's name), calls as ``tool_calls``."""
 
     id_prefix, whole_object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, request: HttpRequest, request_id: str, model: str, tokenizer: Tokenizer) -> None:
-        super().__init__(request, request_id, model, tokenizer)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.started: set[int] = set()
-        self.calls: dict[int, CallStream] = {}  # with tools: each sample's output read as tool calls
         self.num_calls: dict[int, int] = {}  # tool calls sent per sample
 
     def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
@@ -208,26 +239,16 @@ class ChatFormat(OpenAIFormat):
             content.append(item)
         return {"content": content}
 
-    def _split(self, index: int, text: str, last: bool) -> tuple[str, list[ToolCall]]:
-        """Content and tool calls of a sample's new text (all of it is content without tools)."""
-        choice = self.request.tool_choice
-        if choice is None:
-            return text, []
-        stream = self.calls.setdefault(index, CallStream(choice))
-        content, calls = stream.feed(text)
-        if last:
-            more, late = stream.finish()
-            content, calls = content + more, calls + late
-        return content, calls
-
     def choice(self, output: RequestOutput) -> dict[str, Any]:
         index = output.index
-        content, calls = self._split(index, output.text, output.finished)
-        delta: dict[str, Any] = {"content": content}
-        if calls:
+        parts = self.parts(index, output.text, output.finished)
+        delta: dict[str, Any] = {"content": parts.content}
+        if parts.reasoning:
+            delta["reasoning_content"] = parts.reasoning
+        if parts.calls:
             sent = self.num_calls.get(index, 0)
-            delta["tool_calls"] = [call.json(sent + i) for i, call in enumerate(calls)]
-            self.num_calls[index] = sent + len(calls)
+            delta["tool_calls"] = [tool_call_json(call, sent + i) for i, call in enumerate(parts.calls)]
+            self.num_calls[index] = sent + len(parts.calls)
         if index not in self.started:
             self.started.add(index)
             delta = {"role": "assistant", **delta}
@@ -243,11 +264,16 @@ class ChatFormat(OpenAIFormat):
         }
 
     def whole_choice(self, completion: Completion) -> dict[str, Any]:
-        content, calls = self._split(completion.index, completion.text, last=True)
-        message: dict[str, Any] = {"role": "assistant", "content": content or None if calls else content}
+        parts = self.parts(completion.index, completion.text, last=True)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": parts.content or None if parts.calls else parts.content,
+        }
+        if self.prepared.chat is not None and self.prepared.chat.reasoning is not None:
+            message["reasoning_content"] = parts.reasoning or None
         reason = finish(completion.finish_reason)
-        if calls:
-            message["tool_calls"] = [call.json() for call in calls]
+        if parts.calls:
+            message["tool_calls"] = [tool_call_json(call) for call in parts.calls]
             reason = "tool_calls" if reason == "stop" else reason
         return {
             "index": completion.index,
@@ -259,18 +285,26 @@ class ChatFormat(OpenAIFormat):
 
 
 class WorkersAIFormat(Format):
-    """``/ai/run/{model}``: ``data: {"response": ...}`` events, or the ``result`` envelope."""
+    """``/ai/run/{model}``: ``data: {"response": ...}`` events, or the ``result`` envelope; a
+    reasoning model's thinking as ``reasoning`` beside the answer."""
 
     def chunks(self, output: RequestOutput) -> list[bytes]:
-        return [event({"response": output.text})] if output.text else []
+        parts = self.parts(output.index, output.text, output.finished)
+        if parts.reasoning:
+            return [event({"response": parts.content, "reasoning": parts.reasoning})]
+        return [event({"response": parts.content})] if parts.content else []
 
     def whole(self, collected: Collected) -> dict[str, Any]:
-        text = collected.completions[0].text if collected.completions else ""
-        response: Any = text
+        completion = collected.completions[0] if collected.completions else Completion(0)
+        parts = self.parts(0, completion.text, last=True)
+        response: Any = parts.content
         if self.request.json_response:  # JSON mode answers the object itself (text if it was cut short)
             with contextlib.suppress(json.JSONDecodeError):
-                response = json.loads(text)
-        return {"result": {"response": response}, "success": True, "errors": [], "messages": []}
+                response = json.loads(parts.content)
+        result: dict[str, Any] = {"response": response}
+        if self.prepared.chat is not None and self.prepared.chat.reasoning is not None:
+            result["reasoning"] = parts.reasoning
+        return {"result": result, "success": True, "errors": [], "messages": []}
 
     def error(self, status: int, message: str, param: str | None = None) -> dict[str, Any]:
         return workers_ai_error(status, message)

@@ -14,8 +14,9 @@ from typing import Any
 
 from mistralserve.v1 import generation_pb2 as pb
 
-from server.http.tools import ToolChoice, add_tools, calls_schema, choose, parse_tools
-from server.validation import CONSTRAINT_FIELD_NUMBERS, InvalidRequest
+from server.http.tools import add_tools, choose, parse_tools
+from server.invalid import InvalidRequest
+from server.validation import CONSTRAINT_FIELD_NUMBERS
 
 UINT32 = (1 << 32) - 1
 INT32 = 1 << 31
@@ -151,8 +152,8 @@ class HttpRequest:
     include_usage: bool = False
     logprobs: bool = False  # chat: logprobs in the answer
     param_names: dict[str, str] = field(default_factory=dict)  # validation's field path -> the body's name
-    tool_choice: ToolChoice | None = None  # chat with tools: read the output back as tool calls
     json_response: bool = False  # Workers AI JSON mode: the whole answer's response is the parsed object
+    return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids in the answer
 
 
 def check_fields(body: Mapping[str, Any], allowed: set[str]) -> None:
@@ -332,7 +333,7 @@ def completion_request(body: Mapping[str, Any]) -> HttpRequest:
     """``POST /v1/completions``."""
     allowed = {
         "model", "prompt", "stream", "stream_options", "logprobs", "echo", "suffix", "best_of", "logit_bias",
-        "response_format", "structured_outputs",
+        "response_format", "structured_outputs", "return_token_ids",
     }  # fmt: skip
     check_fields(body, allowed | set(SAMPLING))
     request = pb.GenerateRequest()
@@ -364,14 +365,20 @@ def completion_request(body: Mapping[str, Any]) -> HttpRequest:
     names = {"top_logprobs": "logprobs"}
     sources = openai_response_format(body.get("response_format")) + structured_outputs(body.get("structured_outputs"))
     apply_constraint(request, sources, names)
-    return HttpRequest(request, model_field(body), stream, include_usage, param_names=names)
+    return HttpRequest(request, model_field(body), stream, include_usage, param_names=names,
+                       return_token_ids=return_token_ids(body))  # fmt: skip
+
+
+def return_token_ids(body: Mapping[str, Any]) -> bool:
+    value = body.get("return_token_ids")
+    return False if value is None else boolean("return_token_ids", value)
 
 
 def chat_request(body: Mapping[str, Any]) -> HttpRequest:
     """``POST /v1/chat/completions``."""
     allowed = {
         "model", "messages", "stream", "stream_options", "logprobs", "top_logprobs", "max_completion_tokens",
-        "response_format", "structured_outputs", "tools", "tool_choice", "logit_bias",
+        "response_format", "structured_outputs", "tools", "tool_choice", "logit_bias", "return_token_ids",
     }  # fmt: skip
     check_fields(body, allowed | set(SAMPLING))
     if "messages" not in body:
@@ -393,18 +400,17 @@ def chat_request(body: Mapping[str, Any]) -> HttpRequest:
     sources = openai_response_format(body.get("response_format")) + structured_outputs(body.get("structured_outputs"))
     tools = body.get("tools") or []
     specs = parse_tools(tools)
-    mode, callable_ = choose(body.get("tool_choice"), specs)
-    if mode == "forced":
-        if sources:
-            raise InvalidRequest(f"tool_choice: a forced tool call cannot be combined with {sources[0][0]}")
-        one = body.get("tool_choice") != "required"
-        sources = [("tool_choice", "json_schema", json.dumps(calls_schema(callable_, one)))]
-    if mode != "none":
-        add_tools(request.messages, tools, specs)
+    choice = choose(body.get("tool_choice"), specs)
+    forced = choice is not None and (choice.WhichOneof("choice") == "function" or choice.mode == "required")
+    if forced and sources:
+        raise InvalidRequest(f"tool_choice: a forced tool call cannot be combined with {sources[0][0]}")
+    add_tools(request.messages, tools, specs)
+    if choice is not None:
+        request.messages.tool_choice.CopyFrom(choice)
+    names["messages.tool_choice"] = "tool_choice"
     apply_constraint(request, sources, names)
-    choice = ToolChoice(mode, frozenset(s.name for s in callable_)) if mode != "none" else None
     return HttpRequest(request, model_field(body), stream, include_usage, logprobs, param_names=names,
-                       tool_choice=choice)  # fmt: skip
+                       return_token_ids=return_token_ids(body))  # fmt: skip
 
 
 WORKERS_AI_SAMPLING = (
