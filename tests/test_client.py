@@ -72,6 +72,23 @@ def test_client_constraints_shape_the_output(server: ServerProcess) -> None:
     assert set(choice.finish_reasons) == {"stop"}
 
 
+def test_client_tools_come_back_as_calls(server: ServerProcess) -> None:
+    """``tools`` and ``tool_choice`` with messages: the forced call is in ``tool_calls``, not the text."""
+    import json
+
+    tool = {"name": "add", "description": "Add two digits", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a"], "additionalProperties": False}}  # fmt: skip
+    with Client(server.target, timeout=120) as client:
+        result = client.generate(messages=[{"role": "user", "content": "1+1?"}], tools=[tool], tool_choice="add",
+                                 temperature=1.0, seed=2, max_tokens=40)  # fmt: skip
+        with pytest.raises(ValueError, match="tools and tool_choice need messages"):
+            client.generate("a", tool_choice="required")
+    [[call]] = result.tool_calls
+    assert result.text == "" and call.name == "add" and json.loads(call.arguments)["a"] in range(10)
+    assert result.reasonings == [""]
+
+
 @pytest.mark.slow
 def test_client_installs_without_torch_and_its_cli_streams(server: ServerProcess, tmp_path: Path) -> None:
     venv = tmp_path / "venv"

@@ -31,12 +31,16 @@ def build(
     *,
     messages: Sequence[Mapping[str, str]] | None = None,
     prompt_token_ids: Sequence[int] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | None = None,
     **options: Any,
 ) -> Request:
     """``build(pb.GenerateRequest, "Hi", temperature=0.0, max_tokens=8)``; one input only.
 
     A constraint: ``json_schema=`` (a dict or its JSON text), ``json_object=True``, ``regex=``,
-    ``choice=[...]`` or ``grammar=`` (Lark or GBNF text)."""
+    ``choice=[...]`` or ``grammar=`` (Lark or GBNF text). With ``messages``: ``tools`` as
+    ``{"name", "description", "parameters"}`` dicts and ``tool_choice`` ("auto", "none",
+    "required" or a function's name)."""
     unknown = set(options) - {*SAMPLING, *STOPPING, *TOP_LEVEL, *CONSTRAINTS}
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
@@ -47,11 +51,21 @@ def build(
     ]
     if len(given) != 1:
         raise ValueError("give exactly one of prompt, messages, prompt_token_ids")
+    if (tools or tool_choice is not None) and messages is None:
+        raise ValueError("tools and tool_choice need messages")
     request = message_type()
     if prompt is not None:
         request.prompt = prompt
     elif messages is not None:
         request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        for tool in tools or ():
+            parameters = tool.get("parameters")
+            request.messages.tools.add(name=tool["name"], description=tool.get("description", ""),
+                                       parameters=json.dumps(parameters) if parameters is not None else "")  # fmt: skip
+        if tool_choice in ("auto", "none", "required"):
+            request.messages.tool_choice.mode = tool_choice
+        elif tool_choice is not None:
+            request.messages.tool_choice.function = tool_choice
     else:
         assert prompt_token_ids is not None
         request.prompt_token_ids.ids.extend(prompt_token_ids)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mistralserve.v1 import generation_pb2 as pb
 
@@ -23,6 +23,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    reasonings: list[str] = field(default_factory=list)  # chat on a reasoning model: the thinking, per sample
+    tool_calls: list[list[pb.ToolCall]] = field(default_factory=list)  # chat with tools: the calls, per sample
 
     @property
     def text(self) -> str:
@@ -39,4 +41,6 @@ class Generation:
             response.usage.prompt_tokens,
             response.usage.completion_tokens,
             response.usage.cached_tokens,
+            [c.reasoning for c in completions],
+            [list(c.tool_calls) for c in completions],
         )
