@@ -31,8 +31,8 @@ import pytest
 
 from tests.prometheus_text import scrape
 from tests.server_process import ServerProcess
-from tests.test_structured_server import ARITHMETIC, evaluate
-from tests.test_vocabulary_constraints import CHOICES, REGEX, SCHEMA, TOOLS
+from tests.test_structured_server import ARITHMETIC
+from tests.test_vocabulary_constraints import CHOICES, REGEX, SCHEMA, TOOLS, check
 from tests.vocabularies import KINDS, write_checkpoint
 
 SEEDS = (0, 1, 2)
@@ -77,19 +77,6 @@ def chat_request(kind: str, seed: int) -> dict[str, Any]:
     return {**common, "tools": TOOL_PARAMS, "tool_choice": choice, "max_tokens": 256}
 
 
-def check_text(kind: str, text: str) -> None:
-    if kind == "json_schema":
-        jsonschema.validate(json.loads(text), SCHEMA)
-    elif kind == "json_object":
-        assert isinstance(json.loads(text), dict), text
-    elif kind == "regex":
-        assert re.fullmatch(REGEX, text), text
-    elif kind == "choice":
-        assert text in CHOICES, text
-    else:
-        evaluate(text)
-
-
 def check_calls(kind: str, calls: list[Any]) -> None:
     for call in calls:
         assert re.fullmatch("[a-zA-Z0-9]{9}", call.id), call.id
@@ -113,7 +100,7 @@ def run_chat(client: openai.OpenAI, kind: str, seed: int) -> tuple[str, str, boo
         assert reason == ("tool_calls" if calls else "stop")
     else:
         assert reason == "stop" and not calls, choice
-        check_text(kind, choice.message.content or "")
+        check(kind, choice.message.content or "")
     return kind, reason, True
 
 

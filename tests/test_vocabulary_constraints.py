@@ -101,11 +101,12 @@ def streamed_text(tokenizer: Tokenizer, prompt: list[int], tokens: list[int], ke
     return text + stream.flush()
 
 
-def check(name: str, text: str, kind: str) -> None:
+def check(name: str, text: str) -> None:
+    """``text`` is in the language of constraint ``name`` (each checked by its own parser)."""
     if name == "json_schema":
         jsonschema.validate(json.loads(text), SCHEMA)
     elif name == "json_object":
-        assert isinstance(json.loads(text), dict)
+        assert isinstance(json.loads(text), dict), text
     elif name == "regex":
         assert re.fullmatch(REGEX, text), text
     elif name == "choice":
@@ -141,7 +142,7 @@ def test_random_walks_under_the_mask_are_accepted_and_valid(
             assert name == "tools_required" or len(calls + late) == 1
         else:
             assert text.encode() == ll.decode_bytes([t for t in tokens if t not in tokenizer.special.eos_ids])
-            check(name, text, kind)
+            check(name, text)
     assert completed > 0 or name == "json_object", f"{kind}: no walk completed {name} in {STEPS} tokens"
 
 
