@@ -58,8 +58,12 @@ class EngineConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
 
 
-def validate_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+def validate_request(
+    prompt: Sequence[int], params: SamplingParams, vocab_size: int, max_model_len: int, max_num_seqs: int
+) -> None:
     """ValueError naming the field for a request no engine of this model could serve."""
+    if params.n > max_num_seqs:
+        raise ValueError(f"n: must be <= {max_num_seqs} (the server's --max-num-seqs), got {params.n}")
     if not prompt:
         raise ValueError("prompt is empty: at least one token is needed")
     bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
@@ -181,7 +185,13 @@ class Engine:
 
     def validate(self, request: EngineRequest) -> None:
         """ValueError naming the field for a request the engine could never serve."""
-        validate_request(request.prompt_token_ids, request.params, self.vocab_size, self.max_model_len)
+        validate_request(
+            request.prompt_token_ids,
+            request.params,
+            self.vocab_size,
+            self.max_model_len,
+            self.config.scheduler.max_num_seqs,
+        )
         constraint = request.params.constraint
         if constraint is not None and self.grammars is None:
             raise ValueError(f"{constraint.kind.value}: this engine has no structured-output support")

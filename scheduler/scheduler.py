@@ -10,8 +10,10 @@ Every sequence wants ``num_tokens - num_computed_tokens`` tokens computed. Each 
    keeping the tokens it generated;
 3. if nothing was preempted, waiting sequences are admitted in (priority, arrival) order
    while the budget, ``max_num_seqs`` and the blocks allow; a prefix-cache hit counts as
-   computed tokens. A sequence whose structured-output grammar is still compiling
-   (``ready`` False) keeps its place and is passed over.
+   computed tokens. A request's sample 0 takes a seat for each of its ``n`` samples until they
+   fork from it (after its prefill), so the running samples never outnumber ``max_num_seqs``.
+   A sequence whose structured-output grammar is still compiling (``ready`` False) keeps its
+   place and is passed over.
 
 Example, budget 256: running decoders A, B and a 2,000-token prompt C mid-prefill get
 1 + 1 + 254 tokens this step.
@@ -146,13 +148,21 @@ class Scheduler:
             budget = self._admit(out, budget)
         return out
 
+    @staticmethod
+    def _seats(seq: SequenceState) -> int:
+        """Running sequences ``seq`` stands for: its parallel samples too, until they fork."""
+        return seq.request.params.n if seq.index == 0 and not seq.output_token_ids else 1
+
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        taken = sum(self._seats(seq) for seq in self.running)
         i = 0
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while i < len(self.waiting) and budget > 0 and taken < self.config.max_num_seqs:
             seq = self.waiting[i]
             if not seq.ready:
                 i += 1
                 continue
+            if taken + self._seats(seq) > self.config.max_num_seqs:
+                break  # in order: a later, smaller request does not overtake it
             wants_prompt_logits = self._wants_prompt_logits(seq)
             hit = PrefixHit() if wants_prompt_logits else self.blocks.lookup_prefix(seq.all_token_ids)
             n = min(seq.num_tokens - hit.num_tokens, budget)
@@ -167,6 +177,7 @@ class Scheduler:
                 out.admitted.append(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            taken += self._seats(seq)
             out.scheduled.append(self._scheduled(seq, n))
             budget -= n
         return budget

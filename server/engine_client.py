@@ -152,7 +152,8 @@ class EngineClient:
 
     def add(self, spec: RequestSpec) -> RequestStream:
         """Send a request; its outputs arrive on the returned stream. Raises like ``Engine.submit``."""
-        validate_request(spec.prompt_token_ids, spec.params, self.info.config.vocab_size, self.max_model_len)
+        vocab, seats = self.info.config.vocab_size, self.info.max_num_seqs
+        validate_request(spec.prompt_token_ids, spec.params, vocab, self.max_model_len, seats)
         if not self.alive or self._closing:
             raise EngineDeadError(self.death_reason or "the engine is shutting down")
         if spec.request_id in self._streams:

@@ -83,6 +83,7 @@ def model_info(runtime: Runtime) -> ModelInfo:
         block_size=runtime.cache.spec.block_size,
         num_blocks=runtime.blocks.num_blocks,
         max_model_len=runtime.engine.max_model_len,
+        max_num_seqs=runtime.engine.config.scheduler.max_num_seqs,
     )
 
 

@@ -54,6 +54,7 @@ class ModelInfo:
     block_size: int
     num_blocks: int
     max_model_len: int
+    max_num_seqs: int  # sequences a step may run: every sample of every running request counts
 
 
 @dataclass(frozen=True)

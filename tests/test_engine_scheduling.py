@@ -126,3 +126,20 @@ def test_parallel_samples_share_the_prompt_and_match_separate_seeds(tiny: Mistra
         assert together.tokens(i) == alone["one"].tokens()
     assert len({tuple(together.tokens(i)) for i in range(4)}) == 4
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_parallel_samples_count_against_max_num_seqs(tiny: MistralModel) -> None:
+    """50 requests of n = 16 under max_num_seqs 64: a request's sample 0 holds a seat for each
+    sample until they fork, so no step runs more than 64 sequences (before: 534), and all finish."""
+    engine = make_engine(tiny, num_blocks=2000, max_num_seqs=64)
+    prompts = tiny_prompts(50, SPEC.vocab, seed=21, lengths=(5, 30))
+    most: list[int] = []
+    engine.step_listeners.append(lambda record: most.append(len(engine.scheduler.running)))
+    params = SamplingParams(temperature=1.0, seed=3, n=16, max_tokens=6)
+    results = run(engine, [request(f"r{i}", p, params) for i, p in enumerate(prompts)])
+    assert max(most) == 64
+    assert all(result.final(i).finished for result in results.values() for i in range(16))
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    small = make_engine(tiny, max_num_seqs=8)  # a request that could never be admitted is refused
+    with pytest.raises(ValueError, match=r"^n: must be <= 8 \(the server's --max-num-seqs\), got 9$"):
+        small.submit(request("big", prompts[0], SamplingParams(n=9)), SyncOutputStream(9))
