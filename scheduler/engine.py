@@ -299,6 +299,9 @@ class Engine:
             return
         try:
             compiled = future.result()
+        except ValueError as exc:  # the constraint does not compile: the client's to fix
+            self._end_request(request_id, FinishReason.ERROR, str(exc), bad_input=True)
+            return
         except Exception as exc:
             self._end_request(request_id, FinishReason.ERROR, str(exc))
             return
@@ -399,7 +402,9 @@ class Engine:
             )
         )
 
-    def _end_request(self, request_id: str, reason: FinishReason, error: str | None = None) -> None:
+    def _end_request(
+        self, request_id: str, reason: FinishReason, error: str | None = None, bad_input: bool = False
+    ) -> None:
         """Finish every unfinished sample of a request (abort or error), freeing its blocks."""
         seqs = self._sequences.get(request_id)
         if seqs is None:
@@ -418,8 +423,10 @@ class Engine:
                 seq = SequenceState(f"{request_id}#{index}", request, index, request.text_stream.fork())
                 seq.status = SequenceStatus.FINISHED
                 seqs.append(seq)
-                output = RequestOutput(request_id, index, (), "", finish_reason=reason, error=error)
+                output = RequestOutput(
+                    request_id, index, (), "", finish_reason=reason, error=error, bad_input=bad_input
+                )
                 self.counters.finished[reason.value] += 1
             else:
-                output = self.outputs.finished(seq, reason, error=error)
+                output = replace(self.outputs.finished(seq, reason, error=error), bad_input=bad_input)
             self._send(output)

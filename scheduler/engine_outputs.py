@@ -16,7 +16,7 @@ cannot): that sample alone ends with ``error``, logged with its request id and c
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 import torch
@@ -33,7 +33,7 @@ from scheduler.request import (
     Usage,
 )
 from scheduler.scheduler import Scheduler, SchedulerOutput
-from scheduler.structured import StructuredBatch
+from scheduler.structured import StructuredBatch, first_line
 
 log = structlog.get_logger(__name__)
 
@@ -222,12 +222,25 @@ class OutputProcessor:
     def _refused(
         self, seq: SequenceState, token: int, why: str, text: str = "", token_ids: tuple[int, ...] = ()
     ) -> RequestOutput:
-        """End one sample whose matcher broke the mask's promise (see the module docstring)."""
+        """End one sample whose matcher failed: an invariant broken (see the module docstring), or
+        the constraint's own doing, which the front-end's check probes but cannot rule out: the
+        grammar engine's resource limits (``(a|aa){1000}``'s lexer) or text this vocabulary cannot
+        write (``NoExtensionBias``). Those are the request's (``bad_input``), not counted as refused."""
+        reason = first_line(why)
+        output = RequestOutput(seq.request.request_id, seq.index, token_ids, text)
+        if why and "doesn't satisfy the grammar" not in why and "allows no token" not in why:
+            log.info("structured output stopped by its constraint", request_id=seq.request.request_id,
+                     sample=seq.index, error=reason)  # fmt: skip
+            error = (
+                "structured output: this model's vocabulary cannot write the text the constraint requires next"
+                if "NoExtensionBias" in why
+                else f"structured output: the constraint went past the grammar engine's limits ({reason})"
+            )
+            return replace(self.finished(seq, FinishReason.ERROR, last=output, error=error), bad_input=True)
         self.counters.structured_refused_tokens += 1
-        error = f"structured output refused token {token}: {why.splitlines()[0] if why else 'no reason given'}"
         log.error("structured output refused a token", request_id=seq.request.request_id, sample=seq.index,
                   token_id=token, error=why[:2000])  # fmt: skip
-        output = RequestOutput(seq.request.request_id, seq.index, token_ids, text)
+        error = f"structured output refused token {token}: {reason}"
         return self.finished(seq, FinishReason.ERROR, last=output, error=error)
 
     def finished(

@@ -244,6 +244,7 @@ class RequestOutput:
     usage: Usage | None = None
     timings: RequestTimings | None = None
     error: str | None = None
+    bad_input: bool = False  # the error is the request's own (its constraint would not compile): a 400
 
     @property
     def finished(self) -> bool:

@@ -26,12 +26,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from llguidance import LLExecutor, LLMatcher, LLTokenizer
+from llguidance import LLExecutor, LLMatcher, LLParserLimits, LLTokenizer, TokenizerWrapper
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from scheduler.request import Constraint, ConstraintKind, ReasoningSpan
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+LIMITS = LLParserLimits(verbose_errors=False)  # errors name the reason, not the parser's state
 CACHE_SIZE = 256
 
 
@@ -109,11 +110,60 @@ def after_reasoning(answer: str, span: ReasoningSpan) -> str:
     return json.dumps({"grammars": [{"lark_grammar": top}, *grammars]})
 
 
+def first_line(error: str) -> str:
+    """llguidance's reason without the parser state it may append."""
+    return error.strip().splitlines()[0] if error.strip() else "no reason given"
+
+
+def _byte_tokenizer() -> LLTokenizer:
+    """A vocabulary of the 256 bytes and EOS: enough to run a grammar's lexer in the check."""
+    tokens = [bytes([b]) for b in range(256)] + [b"<eos>"]
+    vocabulary = _Bytes(tokens)
+    return LLTokenizer(TokenizerWrapper(vocabulary), n_vocab=len(tokens), eos_token=256)
+
+
+class _Bytes:
+    def __init__(self, tokens: list[bytes]) -> None:
+        self.tokens = tokens
+        self.eos_token_id = len(tokens) - 1
+        self.bos_token_id = None
+        self.special_token_ids = [self.eos_token_id]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        return list(text if isinstance(text, bytes) else text.encode())
+
+
+UNWRITABLE = "this model's vocabulary cannot write any text the constraint allows"
+_BYTES: list[LLTokenizer] = []  # built on first use (a few ms), shared: LLTokenizer is immutable
+PROBE_STEPS = 16
+
+
+def probe(grammar: str) -> str:
+    """Run the grammar's lexer and parser over ``PROBE_STEPS`` bytes it allows (the smallest
+    each time) on a byte vocabulary: a grammar that validates but exceeds the engine's limits
+    once tokens arrive (``(a|aa){1000}``: too many lexer expressions at the first byte) fails
+    here, in the front-end's check, not in the engine. Returns the error, or "" when none."""
+    if not _BYTES:
+        _BYTES.append(_byte_tokenizer())
+    matcher = LLMatcher(_BYTES[0], grammar, log_level=0, limits=LIMITS)
+    for _ in range(PROBE_STEPS):
+        if matcher.is_error() or matcher.is_stopped():
+            break
+        mask = matcher.compute_bitmask()
+        allowed = next((b for b in range(256) if mask[b >> 3] >> (b & 7) & 1), None)
+        if matcher.is_error() or allowed is None:
+            break
+        matcher.consume_token(allowed)
+    return first_line(matcher.get_error()) if matcher.is_error() else ""
+
+
 def check_constraint(constraint: Constraint) -> None:
-    """ValueError naming the field and llguidance's reason when the constraint does not compile."""
-    error = LLMatcher.validate_grammar(grammar_text(constraint))
+    """ValueError naming the field and llguidance's reason when the constraint does not compile,
+    or does not survive its first bytes (``probe``)."""
+    grammar = grammar_text(constraint)
+    error = LLMatcher.validate_grammar(grammar, limits=LIMITS).strip() or probe(grammar)
     if error:
-        raise ValueError(f"{constraint.kind.value}: {error.strip()}")
+        raise ValueError(f"{constraint.kind.value}: {error}")
 
 
 @dataclass(frozen=True)
@@ -172,9 +222,12 @@ class GrammarCompiler:
             if self._tokenizer is None:
                 self._tokenizer = self._make_tokenizer()
             start = time.perf_counter()
-            matcher = LLMatcher(self._tokenizer, grammar_text(constraint), log_level=0)
-            if matcher.is_error():
+            matcher = LLMatcher(self._tokenizer, grammar_text(constraint), log_level=0, limits=LIMITS)
+            mask = None if matcher.is_error() else matcher.compute_bitmask()  # the first step's, computed once here
+            if matcher.is_error():  # limits without verbose errors: the reason, not the parser's state
                 raise ValueError(f"{constraint.kind.value}: {matcher.get_error().strip()}")
+            if mask is not None and not any(mask):
+                raise ValueError(f"{constraint.kind.value}: {UNWRITABLE}")
             seconds = time.perf_counter() - start
         except BaseException:
             with self._lock:

@@ -25,6 +25,12 @@ ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICE_MODES = ("auto", "none", "required")
 
 
+def chat_characters(messages: pb.ChatMessages) -> int:
+    """The text a conversation brings to its prompt: contents, tool calls, tools."""
+    turns = sum(len(m.content) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls) for m in messages.messages)
+    return turns + sum(len(t.name) + len(t.description) + len(t.parameters) for t in messages.tools)
+
+
 def chat_ids(messages: pb.ChatMessages, tokenizer: Tokenizer) -> list[int]:
     if not messages.messages:
         raise InvalidRequest("messages: must hold at least one message")

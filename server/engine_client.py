@@ -174,6 +174,13 @@ class EngineClient:
         if self.alive:
             self._send(Abort(request_id))
 
+    def end_all(self, reason: str) -> None:
+        """End every request in flight now (the drain's grace is over): each caller gets
+        ``EngineDeadError(reason)`` (UNAVAILABLE / 503), the core aborts them and frees their blocks."""
+        for request_id, (stream, _) in list(self._streams.items()):
+            stream.put(EngineDeadError(reason))
+            self.abort(request_id)
+
     def stats(self) -> EngineStats:
         """As of the core's last step."""
         return self._stats

@@ -62,18 +62,17 @@ class SpelledVocab:
         self.mismatches = 0  # answers of ``encode`` that did not spell their text (replaced)
 
     def __call__(self, text: str | bytes) -> list[int]:
-        data = text if isinstance(text, bytes) else text.encode()
+        data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
         try:
             ids = self._encode(data.decode())
-        except UnicodeDecodeError:  # a character cut in two: only a byte-wise match can spell it
+        except Exception:  # a character cut in two, or a tokenizer that fails: only a byte-wise match is sure
             return self.longest_match(data)
         if b"".join(self.tokens[i] for i in ids if 0 <= i < len(self.tokens)) == data:
             return ids
         self.mismatches += 1
         if self.mismatches == 1:
-            log.warning(
-                "tokenizer ids do not spell their text; using a longest match", text=data[:80].decode("replace")
-            )
+            log.warning("tokenizer ids do not spell their text; using a longest match",
+                        text=data[:80].decode("utf-8", "replace"))  # fmt: skip
         return self.longest_match(data)
 
     def longest_match(self, data: bytes) -> list[int]:

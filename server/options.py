@@ -178,11 +178,28 @@ SERVER_FLAGS = (
     Flag("--max-message-bytes", size, 4 << 20, "largest request or response message"),
     Flag("--keepalive-time", positive_float, 30.0, "seconds between keepalive pings to idle clients"),
     Flag("--keepalive-timeout", positive_float, 10.0, "seconds to wait for a keepalive ping's answer"),
+    Flag(
+        "--http-timeout-keep-alive",
+        positive_float,
+        30.0,
+        "HTTP: seconds a connection may stay idle, before and between requests",
+    ),
+    Flag(
+        "--http-timeout-header", positive_float, 30.0, "HTTP: seconds a request's line and headers may take to arrive"
+    ),
+    Flag("--http-timeout-body", positive_float, 60.0, "HTTP: seconds allowed between two reads of a request body"),
     Flag("--tls-cert", Path, None, "server certificate chain (PEM): turns TLS on, with --tls-key"),
     Flag("--tls-key", Path, None, "server private key (PEM)"),
     Flag("--tls-client-ca", Path, None, "CA (PEM) that client certificates must chain to: mutual TLS"),
     Flag("--auth-token-file", Path, None, "file with the bearer token every call but health must carry"),
     Flag("--warmup", boolean, True, "run a short generation before reporting SERVING (true/false)"),
+    Flag(
+        "--exit-on-engine-death",
+        boolean,
+        True,
+        "exit 1 after failing the calls in flight when the engine core dies, so a supervisor restarts the server "
+        "(false: stay up reporting NOT_SERVING)",
+    ),
     Flag("--health-port", port, None, "extra plaintext port serving only grpc.health.v1 (for kubelet probes)"),
     Flag("--metrics-port", port, 9400, "Prometheus /metrics HTTP port (0: any free port, logged at startup)"),
     Flag("--log-prompts", boolean, False, "include prompt text in request logs (true/false)"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -39,6 +40,7 @@ from server.tokenizer_loader import load_tokenizer
 from server.tool_calls import call_style
 
 log = structlog.get_logger(__name__)
+FINAL_EVENTS_SECONDS = 5.0  # after the grace period: for the calls in flight to send their last message
 
 
 def model_info_labels(engine: EngineClient) -> dict[str, str]:
@@ -64,9 +66,10 @@ async def warm_up(serving: Serving) -> None:
 def http_server(args: argparse.Namespace, state: ServerState, token: str | None) -> HttpServer | None:
     if args.http_port == 0:
         return None
-    app = HttpFrontend(state, token, args.max_message_bytes).app()
+    app = HttpFrontend(state, token, args.max_message_bytes, args.http_timeout_body).app()
     sock = listen(args.host, args.http_port)
-    return HttpServer(app, sock, args.tls_cert, args.tls_key, args.tls_client_ca, args.keepalive_time)
+    return HttpServer(app, sock, args.tls_cert, args.tls_key, args.tls_client_ca, args.http_timeout_keep_alive,
+                      args.http_timeout_header)  # fmt: skip
 
 
 async def serve(args: argparse.Namespace, model_path: Path) -> int:
@@ -140,29 +143,40 @@ async def serve(args: argparse.Namespace, model_path: Path) -> int:
 
     drainer = asyncio.create_task(drain_metrics())
 
+    exit_code = 0
+
     async def watch_engine() -> None:
-        await engine.dead.wait()  # set the moment the core's end of the socket closes
-        if not stop.is_set():
+        nonlocal exit_code
+        await engine.dead.wait()  # set the moment the core's end of the socket closes; calls in flight fail
+        if stop.is_set():
+            return
+        if not args.exit_on_engine_death:
             log.error("engine core stopped: reporting NOT_SERVING")
             await grpc_server.not_serving(liveness_too=True)
+            return
+        log.error("engine core stopped: exiting so that a supervisor restarts the server")
+        exit_code = 1
+        stop.set()
 
     watchdog = asyncio.create_task(watch_engine())
     await stop.wait()
 
     log.info("draining", inflight=state.inflight, grace_seconds=args.shutdown_grace)
     state.draining = True
-    await grpc_server.not_serving()
-    deadline = loop.time() + args.shutdown_grace
+    await grpc_server.not_serving(liveness_too=exit_code != 0)
     try:
         await asyncio.wait_for(state.idle.wait(), timeout=args.shutdown_grace)
-    except TimeoutError:
-        log.warning("grace period over, cancelling calls in flight", inflight=state.inflight)
-    await close_servers(max(0.0, deadline - loop.time()))
+    except TimeoutError:  # each call left gets its protocol's final event, and is logged as aborted
+        log.warning("grace period over, ending the calls in flight", inflight=state.inflight)
+        engine.end_all("the server shut down before this request finished")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.idle.wait(), timeout=FINAL_EVENTS_SECONDS)
+    await close_servers(0.0)
     watchdog.cancel()
     drainer.cancel()
     await engine.close(timeout=10)
-    log.info("stopped")
-    return 0
+    log.info("stopped", exit_code=exit_code)
+    return exit_code
 
 
 def run_server(args: argparse.Namespace, model_path: Path) -> int:

@@ -48,6 +48,12 @@ class Tokenizer(ABC):
     def vocab_size(self) -> int: ...
 
     @property
+    @abstractmethod
+    def max_token_bytes(self) -> int:
+        """The longest token's text in bytes (special tokens spelled out; an upper bound is fine):
+        a text more than ``context x max_token_bytes`` long cannot fit the context."""
+
+    @property
     def instruct_version(self) -> str | None:
         """Mistral's instruct format version where a library builds the prompts, else None."""
         return self.chat_encoder.version if self.chat_encoder is not None else None

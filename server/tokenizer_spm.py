@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import cached_property
 
 from sentencepiece import SentencePieceProcessor
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
@@ -90,6 +91,10 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def special_ids(self) -> frozenset[int]:
         return self._control_ids
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        return max(1, max(len(piece) for piece in self.piece_bytes()[0]))
 
     def piece_bytes(self) -> tuple[list[bytes], list[int]]:
         """Each id's bytes (``▁`` a space, ``<0xNN>`` that byte) and the special (control, unknown) ids."""

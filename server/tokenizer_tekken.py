@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 from model.config import CheckpointError
@@ -77,6 +78,10 @@ class TekkenTokenizer(Tokenizer):
     @property
     def special_ids(self) -> frozenset[int]:
         return frozenset(range(self.num_special_tokens))
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        return max(1, max(len(piece) for piece in self.piece_bytes()[0]))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         policy = self._ignore if skip_special_tokens else self._keep

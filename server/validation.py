@@ -15,7 +15,7 @@ from mistralserve.v1 import generation_pb2 as pb
 
 from scheduler.request import Constraint, ConstraintKind, SamplingParams
 from scheduler.structured import check_constraint
-from server.chat_messages import chat_ids, chat_output
+from server.chat_messages import chat_characters, chat_ids, chat_output
 from server.chat_output import ChatOutputSpec
 from server.invalid import InvalidRequest
 from server.reasoning import ReasoningMarkers
@@ -27,6 +27,7 @@ SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty",
 )  # fmt: skip
 MAX_REQUEST_ID = 256
+TEXT_SLACK = 2
 # SamplingParams field -> where it lives in the request
 FIELD_PATHS = {
     **{name: f"sampling.{name}" for name in SAMPLING_FIELDS},
@@ -114,6 +115,18 @@ class Prepared:
     chat: ChatOutputSpec | None = None  # chat with tools or on a reasoning model: how to read the output
 
 
+def check_text_size(which: str, characters: int, tokenizer: Tokenizer, context: int) -> None:
+    """Refuse, before tokenizing it, text that cannot fit: each token spells at most
+    ``max_token_bytes`` bytes, so the tokens a text needs are at least its bytes over that (and
+    its bytes at least its characters); TEXT_SLACK covers normalizers that shorten text."""
+    limit = TEXT_SLACK * (context - 1) * tokenizer.max_token_bytes
+    if characters > limit:
+        raise InvalidRequest(
+            f"{which}: {characters} characters cannot fit the context of {context - 1} tokens "
+            f"(at most {limit} for this tokenizer)"
+        )
+
+
 def prompt_ids(request: Any, input_fields: int, tokenizer: Tokenizer, vocab_size: int, context: int) -> list[int]:
     which = request.WhichOneof("input")
     if input_fields > 1 or which is None:
@@ -122,8 +135,10 @@ def prompt_ids(request: Any, input_fields: int, tokenizer: Tokenizer, vocab_size
     if which == "prompt":
         if not request.prompt:
             raise InvalidRequest("prompt: must not be empty")
+        check_text_size("prompt", len(request.prompt), tokenizer, context)
         ids = tokenizer.encode(request.prompt)
     elif which == "messages":
+        check_text_size("messages", chat_characters(request.messages), tokenizer, context)
         ids = chat_ids(request.messages, tokenizer)
     else:
         ids = list(request.prompt_token_ids.ids)

@@ -46,7 +46,8 @@ def gone(pid: int) -> bool:
 
 
 def test_killed_engine_core_turns_health_not_serving_and_fails_calls_unavailable(long_tiny_checkpoint: Path) -> None:
-    server = ServerProcess(long_tiny_checkpoint)
+    """With ``--exit-on-engine-death false``: the front-end stays up, reporting NOT_SERVING."""
+    server = ServerProcess(long_tiny_checkpoint, "--exit-on-engine-death", "false")
     try:
         server.wait_serving()
         core = engine_core_pid(server)
@@ -93,6 +94,42 @@ def test_killed_engine_core_turns_health_not_serving_and_fails_calls_unavailable
         helpers = children(server.process.pid)
         assert server.terminate(timeout=30) == 0
         assert all_gone([core, *helpers])
+    finally:
+        server.close()
+
+
+def test_killed_engine_core_makes_the_server_exit_1_after_failing_its_calls(long_tiny_checkpoint: Path) -> None:
+    """The default: the calls in flight end UNAVAILABLE, then the process exits 1 (within 2 s of
+    them), so that Kubernetes, systemd or a shell loop starts a fresh one."""
+    server = ServerProcess(long_tiny_checkpoint)
+    try:
+        server.wait_serving()
+        core = engine_core_pid(server)
+
+        async def scenario() -> tuple[list[grpc.StatusCode], float]:
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                calls = [stub.GenerateStream(LONG) for _ in range(3)]
+                for call in calls:
+                    await call.read()
+                os.kill(core, signal.SIGKILL)
+                codes = []
+                for call in calls:
+                    try:
+                        while await call.read() != grpc.aio.EOF:
+                            pass
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as error:
+                        codes.append(error.code())
+                return codes, time.monotonic()
+
+        codes, failed = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+        assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
+        assert server.process.wait(timeout=10) == 1
+        assert time.monotonic() - failed < 2.0
+        events = [line.get("event") for line in server.log_lines()]
+        assert "engine core stopped: exiting so that a supervisor restarts the server" in events
+        assert events[-1] == "stopped"
     finally:
         server.close()
 

@@ -128,7 +128,7 @@ def test_sigterm_finishes_16_http_streams_and_refuses_new_ones(tiny_checkpoint: 
 
 
 def test_a_dead_engine_core_is_503_and_an_error_event(long_tiny_checkpoint: Path) -> None:
-    server = ServerProcess(long_tiny_checkpoint)
+    server = ServerProcess(long_tiny_checkpoint, "--exit-on-engine-death", "false")
     try:
         server.wait_serving()
         port = server.http_port or 0

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+
+from server.bearer import bearer_token_matches
 
 EXEMPT = ("/grpc.health.v1.Health/",)
 if TYPE_CHECKING:  # grpc's classes are generic only in its type stubs
@@ -17,7 +18,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("the auth token file is empty")
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     async def intercept_service(
         self,
@@ -28,8 +29,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(EXEMPT):
             return handler
         metadata = dict(details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+        if bearer_token_matches(metadata.get("authorization", ""), self._token):
             return handler
         return _rejecting(handler, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
 

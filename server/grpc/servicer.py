@@ -8,6 +8,7 @@ its blocks are freed at the engine's next step.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -30,6 +31,7 @@ from server.frontend import (
     Serving,
 )
 from server.invalid import InvalidRequest
+from server.tokenizer import Tokenizer
 from server.validation import Parsed, deserializer
 
 log = structlog.get_logger(__name__)
@@ -91,7 +93,7 @@ class GenerationServicer:
 
     async def GenerateStream(self, parsed: Parsed, context: Context) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
-            runtime, prepared = self.frontend.prepare(parsed, context.peer())
+            runtime, prepared = await self.frontend.prepare(parsed, context.peer())
             chat = ChatOutputs(prepared.chat, self.frontend.tool_calls_unparsed)
             async with self.frontend.generate(runtime, prepared, context.peer()) as outputs:
                 async for output in outputs:
@@ -102,7 +104,7 @@ class GenerationServicer:
 
     async def Generate(self, parsed: Parsed, context: Context) -> pb.GenerateResponse:
         try:
-            runtime, prepared = self.frontend.prepare(parsed, context.peer())
+            runtime, prepared = await self.frontend.prepare(parsed, context.peer())
             chat = ChatOutputs(prepared.chat, self.frontend.tool_calls_unparsed)
             async with self.frontend.generate(runtime, prepared, context.peer()) as outputs:
                 collected = await outputs.collect()
@@ -185,22 +187,12 @@ class GenerationServicer:
 
     async def Tokenize(self, parsed: Parsed, context: Context) -> pb.TokenizeResponse:
         runtime = await self._runtime(context)
-        request = parsed.message
         if parsed.error is not None:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, parsed.error)
-        which = request.WhichOneof("input")
-        tokenizer = runtime.tokenizer
-        if which == "text":
-            ids = tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
-        elif which == "messages":
-            try:
-                ids = chat_ids(request.messages, tokenizer)
-            except InvalidRequest as exc:
-                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        else:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "input: give exactly one of text, messages")
-        tokens = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
-        return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
+        try:  # a long text or conversation is tokenized off the event loop
+            return await asyncio.to_thread(_tokenize, parsed.message, runtime.tokenizer)
+        except InvalidRequest as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def Detokenize(self, parsed: Parsed, context: Context) -> pb.DetokenizeResponse:
         runtime = await self._runtime(context)
@@ -248,3 +240,15 @@ class GenerationServicer:
         if config.sliding_window is not None:
             info.sliding_window = config.sliding_window
         return info
+
+
+def _tokenize(request: pb.TokenizeRequest, tokenizer: Tokenizer) -> pb.TokenizeResponse:
+    which = request.WhichOneof("input")
+    if which == "text":
+        ids = tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+    elif which == "messages":
+        ids = chat_ids(request.messages, tokenizer)
+    else:
+        raise InvalidRequest("input: give exactly one of text, messages")
+    tokens = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
