@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from mistralserve.v1 import generation_pb2 as pb
@@ -45,6 +46,16 @@ def gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie is gone too
 
 
+async def final_status(call: Any) -> grpc.StatusCode:
+    """How a streaming call ends, once read to its end."""
+    try:
+        while await call.read() != grpc.aio.EOF:
+            pass
+        return grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+
+
 def test_killed_engine_core_turns_health_not_serving_and_fails_calls_unavailable(long_tiny_checkpoint: Path) -> None:
     """With ``--exit-on-engine-death false``: the front-end stays up, reporting NOT_SERVING."""
     server = ServerProcess(long_tiny_checkpoint, "--exit-on-engine-death", "false")
@@ -69,14 +80,7 @@ def test_killed_engine_core_turns_health_not_serving_and_fails_calls_unavailable
                     health.append(f"{time.monotonic() - killed:.2f}: {statuses}")
                     await asyncio.sleep(0.02)
                 took = time.monotonic() - killed
-                codes = []
-                for call in calls:
-                    try:
-                        while await call.read() != grpc.aio.EOF:
-                            pass
-                        codes.append(grpc.StatusCode.OK)
-                    except grpc.aio.AioRpcError as error:
-                        codes.append(error.code())
+                codes = [await final_status(call) for call in calls]
                 return codes, took, health
 
         codes, took, health = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
@@ -113,14 +117,7 @@ def test_killed_engine_core_makes_the_server_exit_1_after_failing_its_calls(long
                 for call in calls:
                     await call.read()
                 os.kill(core, signal.SIGKILL)
-                codes = []
-                for call in calls:
-                    try:
-                        while await call.read() != grpc.aio.EOF:
-                            pass
-                        codes.append(grpc.StatusCode.OK)
-                    except grpc.aio.AioRpcError as error:
-                        codes.append(error.code())
+                codes = [await final_status(call) for call in calls]
                 return codes, time.monotonic()
 
         codes, failed = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
