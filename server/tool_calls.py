@@ -174,6 +174,7 @@ class CallParser:
         self.state = "list" if forced and style.format == CallFormat.JSON else "text"
         self.decoder = json.JSONDecoder()
         self.opened = False  # the list's "[" was read
+        self.plain = False  # json format: the answer did not start like a list of calls
         self.pending: tuple[str, str | None] = ("", None)  # mistral_args: the call's name and id before [ARGS]
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -219,13 +220,13 @@ class CallParser:
         rest = self.text[self.pos :]
         if self.style.format == CallFormat.JSON:
             head = rest.lstrip()
-            if self.pos == 0 and not self.opened:
+            if self.pos == 0 and not self.plain:
                 if not head and not final:
                     return ""  # only whitespace so far: undecided
                 if head.startswith(("[", "{")):
                     self.state = "candidate"
                     return ""
-                self.opened = True  # decided: plain text
+                self.plain = True
             self.pos = len(self.text)
             return rest
         index = rest.find(TOOL_CALLS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +78,11 @@ def constraint_of(name: str, tokenizer: Tokenizer) -> Constraint:
     return forced_calls(call_style(tokenizer), [WEATHER, TIME], one=name == "tools_named")
 
 
-def walk(ll: LLTokenizer, constraint: Constraint, seed: int) -> tuple[list[int], bool]:
-    """Tokens drawn uniformly from each mask; (tokens, whether the grammar completed)."""
+def walk(ll: LLTokenizer, constraint: Constraint, seed: int, prefix: Sequence[int] = ()) -> tuple[list[int], bool]:
+    """After ``prefix`` (which must be accepted), tokens drawn uniformly from each mask;
+    (the drawn tokens, whether the grammar completed)."""
     matcher = LLMatcher(ll, grammar_text(constraint), log_level=0)
+    assert all(matcher.consume_token(t) for t in prefix), matcher.get_error()
     rng = random.Random(seed)
     tokens: list[int] = []
     for _ in range(STEPS):
